@@ -1,0 +1,265 @@
+"""The built-in dataset (SPEC §7): procedural images whose factors have known granularity, and their
+attribute loss in closed form (the paper's Figure 1 made exact).
+
+An image is a pure function of its label vector (no hidden noise), so a counterfactual is just a render of
+the edited labels. Geometry is written in 32-pixel units and scaled to the image size; colours live in
+[-1, 1]. Granularity = contrast x area: each factor's contrast is one constant below, so it can be tuned.
+"""
+import hashlib
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import diffusion
+
+# ---- factors: name -> values (index = label). Geometry in 32-px units, colours in [-1, 1] ----------------
+BACKGROUNDS = [(-0.80, -0.55, 0.25), (0.25, -0.70, -0.70), (-0.70, 0.25, -0.55), (-0.20, -0.20, -0.20)]
+X_CENTRES = [9.5, 12.75, 16.0, 19.25, 22.5]
+Y_CENTRES = [14.0, 15.0, 16.0, 17.0, 18.0]
+HALF_SIZES = [5.05, 5.35, 5.65]
+SHAPES = ["square", "circle", "diamond", "hexagon"]
+NUM_HUES = 6
+OBJECT_LEVEL = 0.45          # grey level of the object before its hue offset
+STRIPE_ROW = 30.0            # a 1-px horizontal line at this row, below every object
+CORNER_BOX = 3.0             # the corner mark is the top-left CORNER_BOX x CORNER_BOX square
+RING_WIDTH = 1.0             # the outline is a ring this wide just outside the object
+SUPERSAMPLE = 2              # anti-aliasing: coverage is the mean over SUPERSAMPLE^2 sub-pixels
+
+# Contrast of each non-geometric factor at 32 px, tuned so the fine ones (corner mark, texture) are lost just
+# before t = 100 and t = 150 with as much pixel energy as that allows. Synthetic multiplies them by `strength`
+# and by 32 / size, so these factors keep their ||x0 - x0'|| (and t_f) at 64 px; geometric ones grow with area.
+AMPLITUDES = dict(
+    hue=0.115,                # saturation of the object's hue offset
+    outline=0.15,            # brightening of the ring around the object
+    stripe=0.10,             # brightening of the 1-px line
+    texture=0.038,           # +-amplitude of the 1-px checker on the object
+    corner_mark=0.08,        # brightening of the corner square
+)
+FACTORS = [
+    ("background", [f"colour{i}" for i in range(len(BACKGROUNDS))]),
+    ("x_position", [f"x{c:g}" for c in X_CENTRES]),
+    ("y_position", [f"y{c:g}" for c in Y_CENTRES]),
+    ("size", [f"r{r:g}" for r in HALF_SIZES]),
+    ("shape", SHAPES),
+    ("hue", [f"hue{360 * i // NUM_HUES}" for i in range(NUM_HUES)]),
+    ("outline", ["none", "ring"]),
+    ("stripe", ["none", "line"]),
+    ("texture", ["plain", "checker"]),
+    ("corner_mark", ["none", "mark"]),
+]
+GEOMETRY = ("x_position", "y_position", "size", "shape")
+
+
+def shape_inside(shape, dx, dy, r):
+    """Boolean inside-test of a shape of half-size r at offsets (dx, dy) from its centre."""
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= r
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= (1.08 * r) ** 2
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.3 * r
+    # hexagon with pointy sides left and right, circumradius 1.1 r
+    R = 1.1 * r
+    return (np.abs(dy) <= math.sqrt(3) / 2 * R) & (math.sqrt(3) * np.abs(dx) + np.abs(dy) <= math.sqrt(3) * R)
+
+
+class Synthetic:
+    """Renders 32x32 (or size x size) RGB images from label vectors of the FACTORS above."""
+
+    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None):
+        self.size, self.seed, self.unit = size, seed, size / 32
+        self.amp = {k: strength * v / self.unit for k, v in {**AMPLITUDES, **(amplitudes or {})}.items()}
+        self.factor_names = [name for name, _ in FACTORS]
+        self.value_names = [values for _, values in FACTORS]
+        self.num_values = [len(values) for values in self.value_names]
+        sub = (np.arange(size * SUPERSAMPLE) + 0.5) / (SUPERSAMPLE * self.unit)  # sub-pixel centres, 32-px units
+        self._sub_y, self._sub_x = sub[:, None], sub[None, :]
+        pix = (np.arange(size) + 0.5) / self.unit
+        self._stripe = (pix >= STRIPE_ROW) & (pix < STRIPE_ROW + 1)                     # (S,) rows
+        self._corner = (pix[:, None] < CORNER_BOX) & (pix[None, :] < CORNER_BOX)      # (S, S)
+        self._checker = np.where((np.arange(size)[:, None] + np.arange(size)) % 2 == 0, 1.0, -1.0)
+        angles = 2 * np.pi * np.arange(NUM_HUES) / NUM_HUES
+        self._hues = np.stack([np.cos(angles - k * 2 * np.pi / 3) for k in range(3)], 1)  # (K, 3)
+
+    def fingerprint(self):
+        """A short hash of every rendering constant, so caches follow any change of them."""
+        consts = (FACTORS, BACKGROUNDS, X_CENTRES, Y_CENTRES, HALF_SIZES, OBJECT_LEVEL, STRIPE_ROW, CORNER_BOX,
+                  RING_WIDTH, SUPERSAMPLE, sorted(self.amp.items()))
+        return hashlib.sha1(repr(consts).encode()).hexdigest()[:10]
+
+    def factor_index(self, factor):
+        return self.factor_names.index(factor) if isinstance(factor, str) else int(factor)
+
+    def sample_labels(self, n, rng):
+        """n independent label vectors, each factor uniform over its values. Returns (n, F) int64."""
+        return rng.integers(0, self.num_values, size=(n, len(self.num_values))).astype(np.int64)
+
+    def coverage(self, labels, grow=0.0):
+        """Anti-aliased object coverage in [0, 1], (n, S, S); grow widens the shape (for the outline)."""
+        f = {name: labels[:, i] for i, name in enumerate(self.factor_names)}
+        cx = np.asarray(X_CENTRES)[f["x_position"]][:, None, None]
+        cy = np.asarray(Y_CENTRES)[f["y_position"]][:, None, None]
+        r = np.asarray(HALF_SIZES)[f["size"]][:, None, None] + grow
+        inside = np.zeros((len(labels), *np.broadcast_shapes(self._sub_y.shape, self._sub_x.shape)), bool)
+        for s, shape in enumerate(SHAPES):
+            k = f["shape"] == s
+            inside[k] = shape_inside(shape, self._sub_x - cx[k], self._sub_y - cy[k], r[k])
+        n, S = len(labels), self.size
+        return inside.reshape(n, S, SUPERSAMPLE, S, SUPERSAMPLE).mean(axis=(2, 4))
+
+    def render_float(self, labels):
+        """Images in [-1, 1] before quantisation, (n, S, S, 3) float64."""
+        f = {name: labels[:, i] for i, name in enumerate(self.factor_names)}
+        a, n, S = self.amp, len(labels), self.size
+        cov = self.coverage(labels)[..., None]                                     # (n, S, S, 1)
+        ring = self.coverage(labels, RING_WIDTH)[..., None] - cov
+        img = np.broadcast_to(np.asarray(BACKGROUNDS)[f["background"]][:, None, None], (n, S, S, 3)).copy()
+        img += a["stripe"] * (f["stripe"][:, None, None, None] * self._stripe[None, :, None, None])
+        obj = OBJECT_LEVEL + a["hue"] * self._hues[f["hue"]]                       # (n, 3)
+        img = img * (1 - cov) + obj[:, None, None] * cov
+        img += a["texture"] * f["texture"][:, None, None, None] * self._checker[None, :, :, None] * cov
+        img += a["outline"] * f["outline"][:, None, None, None] * ring
+        img += a["corner_mark"] * f["corner_mark"][:, None, None, None] * self._corner[None, :, :, None]
+        return img
+
+    def render(self, labels, chunk=2048):
+        """Label vectors (n, F) -> uint8 images (n, S, S, 3), rendered in chunks to bound memory."""
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1, len(self.factor_names))
+        out = np.empty((len(labels), self.size, self.size, 3), np.uint8)
+        for i in range(0, len(labels), chunk):
+            x = self.render_float(labels[i:i + chunk])
+            out[i:i + chunk] = np.clip(np.round((x + 1) * 127.5), 0, 255)
+        return out
+
+    def with_value(self, labels, factor, value):
+        """A copy of labels (n, F) with one factor set to value (an int or an array of n ints)."""
+        edited = np.array(labels, dtype=np.int64, copy=True)
+        edited[:, self.factor_index(factor)] = value
+        return edited
+
+    def counterfactual(self, labels, factor, value):
+        """The same samples with `factor` (name or index) set to `value`, as uint8 images. Only the pixels
+        in `affected_pixels` can differ from render(labels)."""
+        return self.render(self.with_value(labels, factor, value))
+
+    def affected_pixels(self, labels, factor, value):
+        """Pixels that setting `factor` to `value` may change, by construction: (n, S, S) bool."""
+        name = self.factor_names[self.factor_index(factor)]
+        edited = self.with_value(labels, factor, value)
+        if name in GEOMETRY:
+            return (self.coverage(labels, RING_WIDTH) > 0) | (self.coverage(edited, RING_WIDTH) > 0)
+        if name in ("hue", "texture"):
+            return self.coverage(labels) > 0
+        if name == "outline":
+            return self.coverage(labels, RING_WIDTH) - self.coverage(labels) > 0
+        if name == "background":
+            return self.coverage(labels) < 1
+        region = self._corner if name == "corner_mark" else np.broadcast_to(self._stripe[:, None], self._corner.shape)
+        return np.broadcast_to(region, (len(labels), self.size, self.size))
+
+    def changed_pairs(self, factor, n, rng):
+        """n label pairs that differ only in `factor`; the other factors are random. Returns (a, b), each (n, F)."""
+        f = self.factor_index(factor)
+        a = self.sample_labels(n, rng)
+        shift = rng.integers(1, self.num_values[f], size=n)   # any other value, uniformly
+        return a, self.with_value(a, f, (a[:, f] + shift) % self.num_values[f])
+
+
+# ---- attribute loss (SPEC §7) -----------------------------------------------------------------------------
+def tv_distance(snr, dist):
+    """SPEC §7: TV(q(x_t|x0), q(x_t|x0')) = 2 Phi(sqrt(SNR_t) ||x0 - x0'|| / 2) - 1 = erf(sqrt(SNR_t) d / (2 sqrt 2)).
+    snr and dist broadcast against each other (e.g. (T, 1) and (1, P)); returns float64 torch."""
+    snr, dist = torch.as_tensor(snr, dtype=torch.float64), torch.as_tensor(dist, dtype=torch.float64)
+    return torch.erf(snr.sqrt() * dist / (2 * math.sqrt(2)))
+
+
+def pixel_distance(images_a, images_b):
+    """||x0 - x0'|| per pair in [-1, 1] units, from uint8 images (n, H, W, 3). Returns (n,) float64."""
+    diff = (images_a.astype(np.float64) - images_b.astype(np.float64)) / 127.5
+    return np.sqrt((diff ** 2).reshape(len(diff), -1).sum(1))
+
+
+def factor_distances(generator, n_pairs=256, seed=0):
+    """||x0 - x0'|| for n_pairs random pairs differing only in each factor. Returns (F, n_pairs) float64."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(len(generator.factor_names)):
+        a, b = generator.changed_pairs(f, n_pairs, rng)
+        rows.append(pixel_distance(generator.render(a), generator.render(b)))
+    return np.stack(rows)
+
+
+def loss_curves(distances, snr=None):
+    """Median TV_t over pairs (F, T) and loss times t_f = first t with median TV_t < 0.5 (T if never)."""
+    snr = diffusion.linear_schedule().snr.double() if snr is None else snr
+    tv = tv_distance(snr[None, :, None], torch.as_tensor(distances)[:, None, :])   # (F, T, P)
+    curves = tv.median(dim=2).values.numpy() if tv.shape[2] % 2 else np.median(tv.numpy(), axis=2)
+    below = curves < 0.5
+    loss_times = np.where(below.any(1), below.argmax(1), curves.shape[1]).astype(np.int64)
+    return curves.astype(np.float64), loss_times
+
+
+def attribute_loss_curves(generator, n_pairs=256, seed=0):
+    """SPEC §7 attribute loss: (curves (F, T) median TV over pairs, loss_times (F,) int)."""
+    return loss_curves(factor_distances(generator, n_pairs, seed))
+
+
+def factor_table(generator, n_pairs=256, seed=0):
+    """A text table: each factor, its values, median ||x0 - x0'|| and loss time t_f (sorted by t_f)."""
+    dist = factor_distances(generator, n_pairs, seed)
+    _, loss_times = loss_curves(dist)
+    lines = [f"{'factor':<12} {'t_f':>5} {'||dx||':>7}  values"]
+    for f in np.argsort(loss_times, kind="stable"):
+        values = ", ".join(generator.value_names[f])
+        lines.append(f"{generator.factor_names[f]:<12} {loss_times[f]:>5d} {np.median(dist[f]):>7.3f}  {values}")
+    return "\n".join(lines)
+
+
+# ---- the figure: one TV_t curve per factor, drawn with pillow only ----------------------------------------
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:   # pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def plot_tv_curves(curves, names, path, loss_times=None):
+    """Write a PNG of TV_t (y, 0..1) against t (x, 0..999), one line per factor, legend with t_f."""
+    curves = np.asarray(curves)
+    if loss_times is None:
+        loss_times = [int(np.argmax(c < 0.5)) if (c < 0.5).any() else len(c) for c in curves]
+    W, H, left, right, top, bottom = 960, 560, 70, 250, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    draw, font = ImageDraw.Draw(img), _font(14)
+    pw, ph, T = W - left - right, H - top - bottom, curves.shape[1]
+
+    def xy(t, v):
+        return left + pw * t / (T - 1), top + ph * (1 - v)
+
+    for t in [*range(0, T - 50, 100), T - 1]:          # x grid and ticks: 0, 100, ..., 900, 999
+        x, _ = xy(t, 0)
+        draw.line([(x, top), (x, top + ph)], fill=(230, 230, 230))
+        draw.text((x, top + ph + 6), str(t), fill="black", font=font, anchor="mt")
+    for v in (0, 0.25, 0.5, 0.75, 1.0):               # y grid and ticks
+        _, y = xy(0, v)
+        draw.line([(left, y), (left + pw, y)], fill=(200, 200, 200) if v == 0.5 else (230, 230, 230))
+        draw.text((left - 8, y), f"{v:g}", fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    draw.text((left + pw / 2, H - 18), "t", fill="black", font=font, anchor="mm")
+    draw.text((left, top - 14), "median TV(q(x_t|x0), q(x_t|x0')) for pairs differing in one factor",
+              fill="black", font=font, anchor="lm")
+    order = np.argsort(loss_times, kind="stable")
+    for rank, f in enumerate(order):
+        colour = PALETTE[rank % len(PALETTE)]
+        draw.line([xy(t, curves[f, t]) for t in range(T)], fill=colour, width=2)
+        ly = top + 10 + 22 * rank
+        draw.line([(left + pw + 15, ly), (left + pw + 40, ly)], fill=colour, width=3)
+        draw.text((left + pw + 48, ly), f"{names[f]} (t_f={loss_times[f]})", fill="black", font=font, anchor="lm")
+    img.save(path)
+    return path

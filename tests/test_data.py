@@ -1,0 +1,274 @@
+"""Tests for data.py and synthetic.py: one test per claim of SPEC §6 and §7."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import diffusion  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return data.Synthetic(size=32, seed=0)
+
+
+# ---- the synthetic dataset (SPEC §7) ----------------------------------------------------------------------
+def test_synthetic_is_deterministic_per_seed_and_cached(tmp_path):
+    a = data.load_synthetic(seed=3, n_train=64, n_test=16, cache_dir=tmp_path)
+    b = data.load_synthetic(seed=3, n_train=64, n_test=16, cache_dir=tmp_path / "other")
+    again = data.load_synthetic(seed=3, n_train=64, n_test=16, cache_dir=tmp_path)   # from the cache
+    c = data.load_synthetic(seed=4, n_train=64, n_test=16, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    stronger = data.load_synthetic(seed=3, n_train=64, n_test=16, cache_dir=tmp_path, strength=2.0)
+    assert len(list(tmp_path.glob("*.npz"))) == 3 and not np.array_equal(stronger["train"].images, a["train"].images)
+    for split in ("train", "test"):
+        assert np.array_equal(a[split].images, b[split].images)
+        assert np.array_equal(a[split].labels, again[split].labels)
+        assert np.array_equal(a[split].images, again[split].images)
+        assert not np.array_equal(a[split].labels, c[split].labels)
+    assert a["train"].images.shape == (64, 32, 32, 3) and a["train"].images.dtype == np.uint8
+    assert a["train"].labels.shape == (64, len(a["generator"].factor_names))
+    assert a["train"].kind == "multiclass" and len(a["train"]) == 64
+
+
+def test_synthetic_has_at_least_8_factors_of_2_to_6_values(gen):
+    assert len(gen.factor_names) >= 8
+    assert all(2 <= k <= 6 for k in gen.num_values)
+    labels = gen.sample_labels(2000, np.random.default_rng(0))
+    assert labels.dtype == np.int64
+    for f, k in enumerate(gen.num_values):
+        assert set(np.unique(labels[:, f])) == set(range(k))
+
+
+def test_render_is_a_function_of_the_labels(gen):
+    labels = gen.sample_labels(8, np.random.default_rng(1))
+    assert np.array_equal(gen.render(labels), gen.render(labels))
+    assert np.array_equal(gen.render(labels)[3:5], gen.render(labels[3:5]))
+
+
+def test_counterfactual_changes_only_the_factors_pixels(gen):
+    labels = gen.sample_labels(6, np.random.default_rng(2))
+    base = gen.render(labels)
+    for f, name in enumerate(gen.factor_names):
+        for value in range(gen.num_values[f]):
+            cf = gen.counterfactual(labels, name, value)
+            assert np.array_equal(cf, gen.render(gen.with_value(labels, f, value)))
+            changed = (cf != base).any(-1)                                  # (n, H, W)
+            same = labels[:, f] == value
+            assert not changed[same].any(), f"{name}: same value changed the image"
+            assert changed[~same].reshape((~same).sum(), -1).any(1).all(), f"{name}: value {value} had no effect"
+            region = gen.affected_pixels(labels, f, value)
+            assert not (changed & ~region).any(), f"{name}: pixels outside its region changed"
+
+
+def test_changed_pairs_differ_only_in_the_factor(gen):
+    rng = np.random.default_rng(3)
+    for f in range(len(gen.factor_names)):
+        a, b = gen.changed_pairs(f, 32, rng)
+        assert (a[:, f] != b[:, f]).all()
+        assert np.array_equal(np.delete(a, f, 1), np.delete(b, f, 1))
+
+
+def test_render_24k_images_is_fast_enough(gen):
+    import time
+    labels = gen.sample_labels(2000, np.random.default_rng(4))
+    start = time.perf_counter()
+    gen.render(labels)
+    assert (time.perf_counter() - start) * 12 < 30   # 24k images in under ~30 s
+
+
+# ---- attribute loss (SPEC §7) -------------------------------------------------------------------------------
+def test_tv_distance_matches_monte_carlo_between_two_gaussians():
+    # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for two x0 at distance d; TV = P_p(A) - P_q(A), A = closer to x0.
+    sched = diffusion.linear_schedule()
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    x1[:3] = torch.tensor([0.3, -0.4, 0.2])                               # d = ||x0 - x1|| = 0.539
+    for t in (50, 150, 300):
+        abar = sched.abar[t].double()
+        m0, m1 = abar.sqrt() * x0, abar.sqrt() * x1
+        noise = (1 - abar).sqrt() * torch.randn(2, 200_000, 8, generator=gen, dtype=torch.float64)
+        p, q = m0 + noise[0], m1 + noise[1]
+        closer = lambda x: (x - m0).norm(dim=1) < (x - m1).norm(dim=1)   # noqa: E731
+        mc = closer(p).double().mean() - closer(q).double().mean()
+        exact = data.tv_distance(sched.snr[t], (x0 - x1).norm())
+        assert abs(float(mc) - float(exact)) < 0.01
+
+
+def test_tv_distance_closed_form_values():
+    # 2 Phi(z) - 1 at z = sqrt(4) * 1 / 2 = 1 is 0.6827; at d = 0 it is 0.
+    tv = data.tv_distance(torch.tensor([[4.0], [1.0]]), torch.tensor([[1.0, 0.0]]))
+    assert tv.shape == (2, 2)
+    assert tv[0, 0].item() == pytest.approx(math.erf(1 / math.sqrt(2)), abs=1e-9)
+    assert tv[:, 1].abs().max().item() == 0
+
+
+def test_loss_times_span_the_schedule(gen):
+    curves, loss_times = data.attribute_loss_curves(gen, n_pairs=256, seed=0)
+    assert curves.shape == (len(gen.factor_names), 1000) and loss_times.shape == (len(gen.factor_names),)
+    assert (np.diff(curves, axis=1) <= 1e-12).all()                       # TV falls with t
+    assert (loss_times < 150).sum() >= 2
+    assert ((loss_times >= 150) & (loss_times < 400)).sum() >= 2
+    assert (loss_times >= 400).sum() >= 2
+    assert np.diff(np.sort(loss_times)).min() >= 40                       # spread, no ties
+
+
+def test_factor_table_and_plot(gen, tmp_path):
+    table = data.factor_table(gen, n_pairs=16)
+    assert all(name in table for name in gen.factor_names)
+    curves, loss_times = data.attribute_loss_curves(gen, n_pairs=8)
+    path = data.plot_tv_curves(curves, gen.factor_names, tmp_path / "tv.png")
+    assert Image.open(path).size[0] > 500
+
+
+# ---- tensors and batches -----------------------------------------------------------------------------------
+def test_to_tensor_and_back():
+    u = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    x = data.to_tensor(u)
+    assert x.shape == (2, 3, 5, 4) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(data.to_uint8(x), u)
+    assert data.to_uint8(torch.full((1, 3, 1, 1), 5.0)).max() == 255
+
+
+def small_dataset(n=10):
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 3), np.uint8)
+    images[:, :, 0] += 100                                                 # left column marks the flip
+    return data.Dataset(images)
+
+
+def test_batch_stream_visits_every_image_once_per_epoch():
+    stream = data.batches(small_dataset(10), batch_size=5, seed=0)
+    seen = [int(b[i, 0, 0, 1].add(1).mul(127.5).round()) for b in (next(stream), next(stream)) for i in range(5)]
+    assert sorted(seen) == list(range(10))
+    assert stream.state_dict()["epoch"] == 1
+
+
+def test_batch_stream_resumes_exactly_from_its_state():
+    a = data.BatchStream(small_dataset(10), batch_size=4, seed=1, flip=True)
+    for _ in range(3):
+        next(a)
+    state = a.state_dict()
+    b = data.BatchStream(small_dataset(10), batch_size=4, seed=1, flip=True)
+    b.load_state_dict(state)
+    for _ in range(4):
+        assert torch.equal(next(a), next(b))
+
+
+def test_batch_stream_flips_horizontally_about_half_the_images():
+    stream = data.BatchStream(small_dataset(10), batch_size=10, seed=0, flip=True)
+    flipped = [(batch[:, 0, 0, 0] < batch[:, 0, 0, 2]).float().mean() for batch in [next(stream) for _ in range(20)]]
+    assert 0.35 < float(torch.stack(flipped).mean()) < 0.65
+
+
+def test_shards_of_two_ranks_make_the_global_batch():
+    full = data.BatchStream(small_dataset(10), batch_size=4, seed=2, flip=True)
+    ranks = [full.shard(r, 2) for r in range(2)]
+    for _ in range(5):
+        parts = [next(r) for r in ranks]
+        assert all(p.shape[0] == 2 for p in parts)
+        glob = next(full)
+        assert torch.equal(glob[0::2], parts[0]) and torch.equal(glob[1::2], parts[1])
+
+
+# ---- CelebA (SPEC §6) ---------------------------------------------------------------------------------------
+NAMES = [f"Attr_{i}" for i in range(40)]
+
+
+def make_celeba(root, n=6, partition=True, bad_line=None, truncate=None):
+    """A tiny CelebA folder in the official format: 178 x 218 JPEGs, attributes with runs of spaces."""
+    img_dir = root / "img_align_celeba"
+    img_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = [str(n), " ".join(NAMES)]
+    for i in range(n):
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(np.full((218, 178, 3), 20 * i, np.uint8)).save(img_dir / name, quality=95)
+        values = rng.choice(["-1", " 1"], size=40)
+        values[0] = " 1" if i % 2 else "-1"
+        lines.append(name + "  " + " ".join(values))
+    if bad_line is not None:
+        lines[bad_line - 1] = lines[bad_line - 1].rsplit(" ", 1)[0]        # drop a value
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    if partition:
+        splits = [0, 0, 0, 1, 2, 2][:n]
+        (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {s}\n" for i, s in enumerate(splits)))
+    if truncate is not None:
+        path = img_dir / f"{truncate:06d}.jpg"
+        path.write_bytes(path.read_bytes()[:400])
+    return root
+
+
+def test_celeba_reader_shapes_labels_and_splits(tmp_path):
+    root = make_celeba(tmp_path / "celeba")
+    out = data.load_celeba(root, size=64, cache_dir=tmp_path / "cache", workers=1)
+    assert [len(out[s]) for s in ("train", "valid", "test")] == [3, 1, 2]
+    train = out["train"]
+    assert train.images.shape == (3, 64, 64, 3) and train.images.dtype == np.uint8
+    assert isinstance(train.images, np.memmap)
+    assert train.labels.shape == (3, 40) and set(np.unique(train.labels)) <= {0, 1}
+    assert list(train.labels[:, 0]) == [0, 1, 0] and list(out["test"].labels[:, 0]) == [0, 1]
+    assert train.factor_names == NAMES and train.num_values == [2] * 40 and train.kind == "binary"
+    assert abs(int(out["valid"].images[0].mean()) - 60) <= 2                 # image 4 has grey level 60
+    again = data.load_celeba(root, size=64, cache_dir=tmp_path / "cache")    # from the cache
+    assert np.array_equal(again["test"].images, out["test"].images)
+
+
+def test_celeba_without_partition_file_splits_by_index(tmp_path):
+    out = data.load_celeba(make_celeba(tmp_path / "c", partition=False), size=32, cache_dir=tmp_path / "cache")
+    assert [len(out[s]) for s in ("train", "valid", "test")] == [6, 0, 0]
+
+
+def test_celeba_missing_files_are_data_errors(tmp_path):
+    root = make_celeba(tmp_path / "c")
+    (root / "list_attr_celeba.txt").unlink()
+    with pytest.raises(data.DataError, match="list_attr_celeba.txt"):
+        data.load_celeba(root, cache_dir=tmp_path / "cache")
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_celeba(tmp_path / "nowhere")
+    (root / "img_align_celeba").rename(root / "images")
+    with pytest.raises(data.DataError, match="img_align_celeba"):
+        data.load_celeba(root, cache_dir=tmp_path / "cache")
+
+
+def test_celeba_malformed_line_names_the_line(tmp_path):
+    root = make_celeba(tmp_path / "c", bad_line=5)
+    with pytest.raises(data.DataError, match="line 5"):
+        data.load_celeba(root, cache_dir=tmp_path / "cache")
+
+
+def test_celeba_truncated_jpeg_is_skipped_with_a_warning(tmp_path):
+    root = make_celeba(tmp_path / "c", truncate=2)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        out = data.load_celeba(root, size=32, cache_dir=tmp_path / "cache", workers=2)   # a process pool
+    assert [len(out[s]) for s in ("train", "valid", "test")] == [2, 1, 2]
+    assert list(out["train"].labels[:, 0]) == [0, 0]                         # images 1 and 3 remain
+
+
+# ---- image folders --------------------------------------------------------------------------------------
+def test_image_folder_reader_crops_resizes_and_recurses(tmp_path):
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (30, 50), (0, 0, 255)).save(tmp_path / "imgs" / "sub" / "b.JPG")
+    out = data.load_image_folder(tmp_path / "imgs", 16, cache_dir=tmp_path / "cache")
+    assert out["train"].images.shape == (2, 16, 16, 3) and out["train"].labels is None
+    assert out["train"].images[0, ..., 0].min() > 240 and out["train"].images[1, ..., 2].min() > 240
+
+
+def test_empty_image_folder_is_a_data_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="empty"):
+        data.load_image_folder(tmp_path / "empty", 32)
+
+
+def test_load_data_dispatches_and_rejects_unknown_names(tmp_path):
+    out = data.load_data("synthetic", size=32, seed=0, n_train=8, n_test=4, cache_dir=tmp_path)
+    assert len(out["train"]) == 8
+    with pytest.raises(data.DataError, match="synthetic, celeba, folder"):
+        data.load_data("mnist")
