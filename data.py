@@ -165,7 +165,7 @@ def load_synthetic(size=32, seed=0, n_train=20000, n_test=4000, cache_dir=None, 
         arrays = {f"{k}_labels": v for k, v in labels.items()}
         arrays.update({f"{k}_images": gen.render(v) for k, v in labels.items()})
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")    # one per process: ranks may race
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     out = {k: Dataset(arrays[f"{k}_images"], arrays[f"{k}_labels"], gen.factor_names, gen.num_values, "multiclass")

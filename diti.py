@@ -85,19 +85,43 @@ def paper_partition(T=1000):
     return staged_partition(64, PAPER_STAGES, PAPER_STAGE_DIMS, T)
 
 
-def make_partition(kind, d, k, stages=None, stage_dims=None, T=1000):
-    """'uniform', 'paper', or 'staged' (with stages and stage_dims). Errors name the fix."""
+def fitted_partition(tv_curves, d, k, T=1000):
+    """A partition fitted to where the factors' attribute loss lies (the paper chose its CelebA partition from
+    its loss profile; here the profile is exact). Subset i keeps the time-steps of idx(t) = floor(t k / T) and
+    gets 1 dim plus a share of the other d - k dims proportional to how much TV the factors lose inside its
+    t range: mass_i = sum_f TV_f(first_i) - TV_f(last_i + 1). tv_curves: (F, T) array of TV_t per factor."""
+    if not 1 <= k <= d:
+        raise ValueError(f"k={k} subsets cannot cut a latent of d={d} dims: choose 1 <= k <= d")
+    tv = torch.as_tensor(tv_curves, dtype=torch.float64)
+    tv = torch.cat([tv, torch.zeros(tv.shape[0], 1, dtype=torch.float64)], dim=1)   # TV_T := 0
+    part = uniform_partition(k, k, T)
+    mass = torch.stack([(tv[:, part.t_range(i)[0]] - tv[:, part.t_range(i)[1] + 1]).clamp_min(0).sum()
+                        for i in range(k)])
+    share = (d - k) * mass / mass.sum() if mass.sum() > 0 else torch.full((k,), (d - k) / k, dtype=torch.float64)
+    dims = share.floor().long()
+    for i in torch.argsort(share - dims, descending=True)[: d - k - int(dims.sum())]:   # largest remainders
+        dims[i] += 1
+    return Partition(tuple(torch.cumsum(dims + 1, 0).tolist()), T)
+
+
+def make_partition(kind, d, k, stages=None, stage_dims=None, T=1000, tv_curves=None):
+    """'uniform', 'paper', 'staged' (with stages and stage_dims) or 'fitted' (with tv_curves). Errors name
+    the fix."""
     if kind == "uniform":
         return uniform_partition(d, k, T)
     if kind == "paper":
         if d != sum(PAPER_STAGE_DIMS):
             raise ValueError(f"the paper partition needs d=512, got d={d}: use --z-dim 512 or --partition uniform")
         return staged_partition(k, PAPER_STAGES, PAPER_STAGE_DIMS, T)
+    if kind == "fitted":
+        if tv_curves is None:
+            raise ValueError("the fitted partition needs the factors' TV curves (built-in data only)")
+        return fitted_partition(tv_curves, d, k, T)
     if kind == "staged":
         if sum(stage_dims) != d:
             raise ValueError(f"dims per stage {tuple(stage_dims)} sum to {sum(stage_dims)}, not the latent size d={d}")
         return staged_partition(k, tuple(stages), tuple(stage_dims), T)
-    raise ValueError(f"unknown partition '{kind}': choose uniform, paper or staged")
+    raise ValueError(f"unknown partition '{kind}': choose uniform, paper, staged or fitted")
 
 
 def cumulative_mask(partition, t):

@@ -6,17 +6,20 @@
 
 Every config field is a flag (`--batch-size 32`); presets set many at once. Runs resume with --resume.
 Works under `torchrun --nproc_per_node N train.py ...` (gloo on CPU, nccl on CUDA); the global batch stays
-the configured batch.
+the configured batch and each row of it gets the same t and eps as in one process (see fit).
 """
 import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import diffusion
-from diti import DiTi, diti_loss, make_partition
+from diti import DiTi, Partition, diti_loss, make_partition
 from plots import bar_plot, save_grid
 from unet import UNet, UNetConfig
 
@@ -68,7 +71,7 @@ class DiTiConfig:
     dm: str = ""                       # path of the stage-1 checkpoint
     k: int = 8
     z_dim: int = 64
-    partition: str = "uniform"         # uniform | paper | staged
+    partition: str = "uniform"         # uniform | paper | staged | fitted (to the built-in TV curves)
     stages: tuple = (50, 100, 300, 500, 1000)
     stage_dims: tuple = (10, 25, 327, 100, 50)
     mode: str = "base"                 # base | stop_grad
@@ -84,21 +87,54 @@ class DiTiConfig:
     ckpt_every: int = 500
 
 
+@dataclass
+class DisDiffConfig:
+    """The comparison method DisDiff (SPEC §8; disdiff.py) on a frozen DDPM; data and U-Net come from its checkpoint."""
+    dm: str = ""                       # path of the stage-1 checkpoint
+    factors: int = 6                   # N chunks of z (authors: 6 x 32)
+    z_dim: int = 60                    # divisible by factors
+    dis_lambda: float = 0.05           # lambda of L_dis
+    stabilise: str = "clip"            # none (the authors' form) | clip | cap | clip+cap; see disdiff.py
+    w_cap: float = 1.0                 # the cap on w for stabilise cap / clip+cap
+    batch_size: int = 64
+    lr: float = 2.56e-4                # AdamW
+    weight_decay: float = 0.01
+    warmup: int = 200                  # linear lr warm-up steps (authors: 10k)
+    steps: int = 2000
+    ema_decay: float = 0.999
+    flip: bool = False
+    seed: int = 0
+    out: str = "runs/disdiff"
+    device: str = "auto"
+    precision: str = "auto"
+    ckpt_every: int = 500
+
+
 PRESETS = {
-    # 32 px, sized for a 2-core CPU: a usable DDPM and a DiTi model in a few minutes each.
-    "quick": dict(dm=dict(), diti=dict()),
+    # 32 px, sized for a 2-core CPU: the whole main job (DDPM, three DiTi/PDAE runs, DisDiff, evaluation) in
+    # about 20 minutes. It shows the pipeline and what such a budget learns; the claim is tested at `claims`.
+    "quick": dict(dm=dict(steps=900, lr=5e-4, ckpt_every=300),
+                  diti=dict(steps=300, lr=3e-4, ckpt_every=100),
+                  disdiff=dict(steps=300, warmup=30, ckpt_every=100)),
+    # The budget for the claim (issue 12; claims.py): a longer DDPM and stage 2 on the built-in data.
+    "claims": dict(dm=dict(steps=3000, lr=5e-4, ckpt_every=500),
+                   diti=dict(steps=1500, lr=3e-4, ckpt_every=250),
+                   disdiff=dict(steps=1500, warmup=100, ckpt_every=250)),
     # A few seconds each: what the tests and the smoke run use.
     "tiny": dict(dm=dict(n_train=512, base_channels=16, channel_mult=(1, 2), attn_resolutions=(), batch_size=16,
                          steps=30, ckpt_every=10, sample_steps=5),
-                 diti=dict(k=4, z_dim=16, batch_size=16, steps=30, ckpt_every=10)),
+                 diti=dict(k=4, z_dim=16, batch_size=16, steps=30, ckpt_every=10),
+                 disdiff=dict(factors=4, z_dim=16, batch_size=8, warmup=5, steps=20, ckpt_every=10)),
     # The paper's CelebA-64 scale (SPEC §2-3), for a GPU.
     "celeba64": dict(dm=dict(data="celeba", image_size=64, base_channels=64, channel_mult=(1, 2, 2, 2),
                              num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, batch_size=128, lr=1e-4,
                              steps=300000, ema_decay=0.9999, flip=True, ckpt_every=5000, sample_steps=100),
                      diti=dict(k=64, z_dim=512, partition="paper", batch_size=128, lr=1e-4, steps=300000,
-                               ema_decay=0.9999, flip=True, ckpt_every=5000)),
+                               ema_decay=0.9999, flip=True, ckpt_every=5000),
+                     disdiff=dict(factors=6, z_dim=192, batch_size=128, warmup=10000, steps=300000,
+                                  ema_decay=0.9999, flip=True, ckpt_every=5000)),
 }
-STAGES = {"dm": DMConfig, "diti": DiTiConfig}
+STAGES = {"dm": DMConfig, "diti": DiTiConfig, "disdiff": DisDiffConfig}
 
 
 def parse_value(text, default, name):
@@ -119,6 +155,10 @@ def make_config(stage, argv):
     """Build a stage's config: defaults, then the preset, then each --flag."""
     cls = STAGES[stage]
     parser = argparse.ArgumentParser(prog=f"train.py {stage}", description=cls.__doc__)
+
+    def one_line_error(message):                     # argparse would print its usage, then exit 2 itself
+        raise UserError(f"{message}: see python train.py {stage} --help")
+    parser.error = one_line_error
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     for f in fields(cls):
@@ -131,7 +171,28 @@ def make_config(stage, argv):
         text = getattr(args, f.name)
         if text is not None:
             setattr(cfg, f.name, parse_value(text, getattr(cfg, f.name), f.name))
+    check_config(cfg)
     return cfg, args.resume, args.preset
+
+
+COUNTS = ("batch_size", "steps", "ckpt_every", "image_size", "n_train", "base_channels", "num_res_blocks",
+          "sample_steps", "k", "z_dim", "factors")
+
+
+def check_config(cfg):
+    """Reject values no run can use before any work is done (later errors would be tracebacks)."""
+    for name in COUNTS:
+        if getattr(cfg, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown --precision '{cfg.precision}': choose auto, fp32 or bf16")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise UserError(f"--ema-decay must lie in [0, 1], got {cfg.ema_decay}")
+    if hasattr(cfg, "channel_mult"):
+        levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
+        if not cfg.channel_mult or cfg.image_size % levels:
+            raise UserError(f"--image-size {cfg.image_size} must be divisible by {levels} for --channel-mult "
+                            f"{','.join(map(str, cfg.channel_mult))}")
 
 
 def unet_config(cfg):
@@ -155,14 +216,37 @@ def pick_device(name):
         raise UserError("--device mps was asked for but MPS is not available: use --device cpu or auto")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise UserError(f"unknown device '{name}': choose auto, cpu, cuda or mps")
-    return torch.device(name)
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))     # under torchrun: one GPU a rank
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': choose auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(device, precision):
+    """'fp32' or 'bf16'. 'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32 (MPS too). Measured
+    with bench.py on a 2-core AVX-512 CPU without bf16 instructions: bf16 autocast ran every op at ~0.3x the
+    fp32 speed (quick and celeba64), so such CPUs train in fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision '{precision}': choose auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
 
 
 def autocast(device, precision):
-    """bf16 autocast where asked for ('auto' = bf16 on CUDA and CPU, fp32 on MPS); a no-op for fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"unknown precision '{precision}': choose auto, fp32 or bf16")
-    use = precision == "bf16" or (precision == "auto" and device.type in ("cuda", "cpu"))
+    """bf16 autocast where resolve_precision says bf16; a no-op for fp32."""
+    use = resolve_precision(device, precision) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
@@ -171,7 +255,9 @@ def dist_setup(device_name):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(hours=1))   # rank 0 may be building a data cache
     return (dist.get_rank() if world > 1 else 0), world
 
 
@@ -198,22 +284,25 @@ def load_checkpoint(path, kind=None):
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path} is not a diti checkpoint: point at a file written by train.py")
     if kind is not None and ckpt["kind"] != kind:
-        raise UserError(f"{path} is a '{ckpt['kind']}' checkpoint but a '{kind}' one is needed here "
-                        f"(stage 2 takes the DDPM checkpoint from `train.py dm` as --dm)")
+        hint = ("--dm takes the DDPM checkpoint written by `train.py dm`" if kind == "dm" else
+                f"it was written by `train.py {ckpt['kind']}`: choose another --out")
+        raise UserError(f"{path} is a '{ckpt['kind']}' checkpoint but a '{kind}' one is needed here: {hint}")
     return ckpt
 
 
-def rng_state(stream):
+def rng_state(stream, noise):
+    """Everything random a resumed run must continue: global RNGs, the batch stream, fit's noise generator."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(torch=torch.get_rng_state(), numpy=[keys.tolist(), pos, has_gauss, cached],
-                 python=list(random.getstate()[1]), data=stream.state_dict())
+                 python=list(random.getstate()[1]), data=stream.state_dict(), noise=noise.get_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state, stream):
+def set_rng_state(state, stream, noise):
     torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(state["python"]), None))
@@ -244,13 +333,24 @@ def load_frozen_unet(path, device):
 
 
 def build_diti(dm_ckpt, cfg):
-    """The trainable E and G for a stage-2 config, on the DDPM checkpoint's U-Net."""
+    """The trainable E and G for a stage-2 config, on the DDPM checkpoint's U-Net. A stage-2 checkpoint
+    carries its partition's end dims, which are used as they are (a fitted partition is not refitted)."""
     unet_cfg = build_unet(dm_ckpt).cfg
+    if "partition" in dm_ckpt:
+        return DiTi(unet_cfg, Partition(tuple(dm_ckpt["partition"])))
     try:
-        part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims)
+        part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims,
+                              tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
     except ValueError as e:
         raise UserError(str(e))
     return DiTi(unet_cfg, part)
+
+
+def tv_curves_for(dm_config):
+    """The exact TV_t curves of the built-in data's factors (for the fitted partition)."""
+    if dm_config["data"] != "synthetic":
+        raise UserError("--partition fitted needs the built-in data's known factors: use uniform, paper or staged")
+    return data.attribute_loss_curves(data.Synthetic(dm_config["image_size"], dm_config["seed"]))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,6 +379,12 @@ class LossByTime:
                         xlabel="t (bucket start)", ylabel="loss")
 
 
+def ema_decay_at(decay, step):
+    """EMA decay with a warm-up, min(decay, (1 + step) / (10 + step)), so that short runs (the CPU presets) do
+    not average in their random initialisation; from a few thousand steps on it is the configured decay."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -287,62 +393,167 @@ def ema_update(ema, model, decay):
         e.copy_(b)
 
 
-def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra):
-    """Adam + EMA + atomic checkpoints + exact resume. loss_fn(batch) -> (loss, per_sample, t, logs).
-    `extra` goes into every checkpoint (configs, the frozen model's path). Returns the EMA model."""
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    hist, start, log = LossByTime(), 0, []
-    if resume and os.path.exists(ckpt_path):
+def draw_noise(gen, x0, T, rank, world):
+    """t (B / world,) and eps (B / world, C, H, W) for this rank's rows of the global batch of B rows. Both are
+    drawn for all B rows from `gen`, seeded alike on every rank, and sliced like the batch stream (rows rank,
+    rank + world, ...), so row i gets the same t and eps under any number of processes."""
+    B = x0.shape[0] * world
+    t = torch.randint(0, T, (B,), generator=gen, device=gen.device)
+    eps = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)
+    return t[rank::world].to(x0.device), eps[rank::world].to(x0.device)
+
+
+def mean_over_ranks(x, world):
+    """A tensor averaged over the processes (every rank gets the same value); itself in a single process."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_rows(x, world):
+    """(B / world, ...) on each rank -> (B, ...) in the global batch's row order (rank r holds rows r::world)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def average_gradients(params, world):
+    """Data parallelism by hand: after backward, each gradient becomes its mean over the ranks (one all-reduce
+    of all of them). Not DistributedDataParallel: its hooks only act on a forward() called through its wrapper,
+    and the stage-2 losses call the model's parts (encoder, decoder) directly. A parameter that got no gradient
+    on any rank keeps none, as in a single process."""
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+                     + [has_grad])
+    dist.all_reduce(flat)
+    grads = flat[:-len(params)].split([p.numel() for p in params])
+    for p, g, n in zip(params, grads, flat[-len(params):].tolist()):
+        p.grad = (g / world).view_as(p).to(p.dtype) if n > 0 else None
+
+
+def config_diff(old, new):
+    """'name: old -> new' for the fields that differ between two config dicts (lists and tuples alike)."""
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+                     if norm(old.get(k)) != norm(new.get(k)))
+
+
+def check_same_model(ck, extra, ckpt_path):
+    """On resume: the U-Net (for stage 2: the frozen DDPM's) and the partition must be those of the checkpoint."""
+    if "unet" in ck and "unet" in extra and config_diff(ck["unet"], extra["unet"]):
+        diff = config_diff(ck["unet"], extra["unet"])
+        if "dm_path" in ck:
+            raise UserError(f"{ckpt_path} was trained against the DDPM {ck['dm_path']}, whose U-Net differs from "
+                            f"that of --dm {extra.get('dm_path')} ({diff}): pass the --dm it was trained with, "
+                            f"or choose another --out")
+        raise UserError(f"{ckpt_path} was trained with another U-Net ({diff}): resume with the flags it was trained "
+                        f"with, or choose another --out")
+    if "partition" in ck and "partition" in extra and list(ck["partition"]) != list(extra["partition"]):
+        raise UserError(f"{ckpt_path} was trained with the partition ends {tuple(ck['partition'])}, these flags give "
+                        f"{tuple(extra['partition'])}: resume with the same --k/--z-dim/--partition, or choose "
+                        f"another --out")
+
+
+def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, make_opt=None, lr_at=None):
+    """Adam + EMA + atomic checkpoints + exact resume + data parallelism over `world` processes.
+    loss_fn(model, x0, t, eps) -> (loss, per_sample, t, logs), with x0 this rank's rows of the batch and t, eps
+    their time-steps and noise (see draw_noise: the same for a row under any number of processes).
+    `extra` goes into every checkpoint (configs, the frozen model's path). Returns the EMA model.
+    Optional: make_opt(params) -> optimizer instead of Adam(lr=cfg.lr); lr_at(step) -> lr set before each step."""
+    ckpt_path, ck = os.path.join(cfg.out, "ckpt.pt"), None
+    if os.path.exists(ckpt_path):                                   # checked first: a wrong command fails at once
+        if not resume:
+            raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
         ck = load_checkpoint(ckpt_path, kind=kind)
-        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-        start, log = ck["step"], ck["log"]
+        check_same_model(ck, extra, ckpt_path)
+    elif resume and rank == 0:
+        print(f"no checkpoint at {ckpt_path} yet: starting at step 0")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_opt(params) if make_opt else torch.optim.Adam(params, lr=cfg.lr)
+    if world > 1:
+        for tensor in [*model.parameters(), *model.buffers()]:     # every rank starts from rank 0's weights
+            dist.broadcast(tensor.data, 0)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    noise = torch.Generator(device=device).manual_seed(cfg.seed)    # t and eps: identical on every rank
+    hist, start, log, saved = LossByTime(), 0, [], None
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"])
+        except RuntimeError:
+            raise UserError(f"{ckpt_path} holds a model of another shape than these flags build "
+                            f"({config_diff(ck['config'], asdict(cfg)) or 'same flags'}): resume with the flags "
+                            f"it was trained with, or choose another --out")
+        opt.load_state_dict(ck["opt"])
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr                                     # the command line's --lr applies
+        start, log, saved = ck["step"], ck["log"], ck["step"]
         hist.sum, hist.count = ck["hist"]
-        set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"], stream)
+        if len(ck["rng"]) != world and rank == 0:
+            print(f"warning: {ckpt_path} was written by {len(ck['rng'])} process(es), this run has {world}: "
+                  f"continuing (batches, t and eps repeat; dropout's random draws will not)")
+        set_rng_state(ck["rng"][rank % len(ck["rng"])], stream, noise)
         if rank == 0:
             print(f"resumed {ckpt_path} at step {start}")
-    elif os.path.exists(ckpt_path) and not resume:
-        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step):
-        rng = rng_state(stream)
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        if not all(torch.isfinite(p).all() for p in params):
+            raise UserError(f"the {kind} weights became inf/nan at step {step}: stopped without saving; "
+                            f"{last_good()} (lower --lr or use --precision fp32, then --resume)")
+        rng = [rng_state(stream, noise)]
         if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_state(stream, noise))
         if rank == 0:
             save_checkpoint(ckpt_path, dict(kind=kind, step=step, model=model.state_dict(), ema=ema.state_dict(),
                                             opt=opt.state_dict(), log=log, hist=(hist.sum, hist.count), rng=rng,
                                             config=asdict(cfg), **extra))
+            with open(os.path.join(cfg.out, "log.json"), "w") as f:     # the losses so far, to read
+                json.dump(log, f)
+
+    def last_good():
+        if saved is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {ckpt_path} (step {saved}) is intact"
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=kind, disable=rank != 0,
                dynamic_ncols=True)
     tick = time.time()
     for step in bar:
-        x0 = next(stream).to(device, non_blocking=True)
+        x0 = next(stream).to(device, non_blocking=True)                 # (B / world, 3, H, W)
+        t, eps = draw_noise(noise, x0, hist.T, rank, world)
         with autocast(device, cfg.precision):
-            loss, per_sample, t, logs = loss_fn(trained, x0)
-        if not torch.isfinite(loss):
-            raise UserError(f"the {kind} loss became {loss.item()} at step {step + 1}: stopped; the last good "
-                            f"checkpoint {ckpt_path} is intact (lower --lr or use --precision fp32, then --resume)")
+            loss, per_sample, t, logs = loss_fn(model, x0, t, eps)
+        loss_value = mean_over_ranks(loss.detach().double(), world).item()   # the whole batch's loss
+        if not math.isfinite(loss_value):
+            raise UserError(f"the {kind} loss became {loss_value} at step {step + 1}: stopped; {last_good()} "
+                            f"(lower --lr or use --precision fp32, then --resume)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(params, world)
+        if lr_at:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
         opt.step()
-        ema_update(ema, model, cfg.ema_decay)
-        hist.add(per_sample, t)
-        log.append(dict(step=step + 1, loss=loss.item(), **logs))
+        ema_update(ema, model, ema_decay_at(cfg.ema_decay, step))
+        hist.add(gather_rows(per_sample, world), gather_rows(t, world))
+        logs = {k: mean_over_ranks(torch.as_tensor(v, dtype=torch.float64, device=device), world).item()
+                for k, v in logs.items()}
+        log.append(dict(step=step + 1, loss=loss_value, **logs))
         if rank == 0 and (step + 1) % 10 == 0:
             rate = 10 * cfg.batch_size / (time.time() - tick)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
             tick = time.time()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             checkpoint(step + 1)
+            saved = step + 1
     if rank == 0 and cfg.steps > start:
         hist.save_png(os.path.join(cfg.out, "loss_by_t.png"), f"{kind}: loss per time-step bucket")
-        with open(os.path.join(cfg.out, "log.json"), "w") as f:
-            json.dump(log, f)
     return ema
 
 
@@ -353,9 +564,15 @@ def make_stream(cfg, dataset, rank, world):
     return stream.shard(rank, world) if world > 1 else stream
 
 
-def load_train_split(name, data_dir, size, seed, n_train):
+def load_train_split(name, data_dir, size, seed, n_train, rank=0, world=1):
+    """The training images. Under torchrun rank 0 loads first (building any cache) while the others wait."""
+    if rank > 0:
+        dist.barrier()
     kw = dict(n_train=n_train) if name == "synthetic" else {}
-    return data.load_data(name, data_dir or None, size=size, seed=seed, **kw)["train"]
+    dataset = data.load_data(name, data_dir or None, size=size, seed=seed, **kw)["train"]
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +582,7 @@ def train_dm(cfg, resume=False):
     device = pick_device(cfg.device)
     rank, world = dist_setup(cfg.device)
     seed_everything(cfg.seed + rank)
-    dataset = load_train_split(cfg.data, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train)
+    dataset = load_train_split(cfg.data, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, rank, world)
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
     unet_cfg = unet_config(cfg)
@@ -374,9 +591,7 @@ def train_dm(cfg, resume=False):
         n = sum(p.numel() for p in unet.parameters())
         print(f"DDPM: {n / 1e6:.2f}M parameters, {len(dataset)} images, device {device}, out {cfg.out}")
 
-    def loss_fn(model, x0):
-        t = torch.randint(0, sched.T, (x0.shape[0],), device=device)
-        eps = torch.randn_like(x0)
+    def loss_fn(model, x0, t, eps):
         per_sample = (eps - model(diffusion.q_sample(sched, x0, t, eps), t)).float().pow(2).flatten(1).mean(1)
         return per_sample.mean(), per_sample.detach(), t, {}
 
@@ -410,7 +625,7 @@ def train_diti(cfg, resume=False):
     unet, dm_ckpt = load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
     dataset = load_train_split(dm_cfg["data"], dm_cfg["data_dir"], dm_cfg["image_size"], dm_cfg["seed"],
-                               dm_cfg["n_train"])
+                               dm_cfg["n_train"], rank, world)
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
     model = build_diti(dm_ckpt, cfg).to(device)
@@ -419,8 +634,8 @@ def train_diti(cfg, resume=False):
         print(f"DiTi: k={cfg.k} d={cfg.z_dim} mode={cfg.mode}, {n / 1e6:.2f}M trainable parameters, "
               f"frozen DDPM {cfg.dm}, device {device}, out {cfg.out}")
 
-    def loss_fn(trained, x0):
-        loss, per_sample, t = diti_loss(getattr(trained, "module", trained), unet, sched, x0, cfg.mode)
+    def loss_fn(model, x0, t, eps):
+        loss, per_sample, t = diti_loss(model, unet, sched, x0, cfg.mode, t, eps)
         return loss, per_sample, t, {}
 
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"],
@@ -440,20 +655,43 @@ def load_diti(path, device="cpu"):
     return model.to(device).eval(), unet, ckpt
 
 
+# ----------------------------------------------------------------------------------------------------------
+# DisDiff, the comparison method: the stage lives in disdiff.py, which imports this module
+
+def train_disdiff(cfg, resume=False):
+    sys.modules.setdefault("train", sys.modules[__name__])   # run as a script: one module, one UserError class
+    from disdiff import train_disdiff as run
+    return run(cfg, resume)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in STAGES:
         raise UserError(f"say which stage to train: python train.py {{{'|'.join(STAGES)}}} [--preset ...] [--flags]")
     cfg, resume, _ = make_config(argv[0], argv[1:])
-    {"dm": train_dm, "diti": train_diti}[argv[0]](cfg, resume)
+    {"dm": train_dm, "diti": train_diti, "disdiff": train_disdiff}[argv[0]](cfg, resume)
+
+
+def cli(argv=None):
+    """main() as a command: a problem with the input or the machine is one line on stderr and exit code 2
+    (never a traceback); warnings are one line each."""
+    warnings.formatwarning = lambda message, category, *args, **kw: f"warning: {message}\n"
+    try:
+        main(argv)
+        return 0
+    except (UserError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                              # disk full, no permission, ...
+        print(f"error: {e}: check the path and the disk", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli())

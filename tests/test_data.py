@@ -272,3 +272,14 @@ def test_load_data_dispatches_and_rejects_unknown_names(tmp_path):
     assert len(out["train"]) == 8
     with pytest.raises(data.DataError, match="synthetic, celeba, folder"):
         data.load_data("mnist")
+
+
+def test_loss_curves_cross_one_half_where_the_closed_form_says():
+    # TV_t = 0.5 where sqrt(SNR_t) d / 2 = Phi^-1(0.75) = 0.6745: d = 1 is lost at t = 205, d = 2 at t = 336.
+    # The curve of a factor is the median over its pairs, so the second factor's is that of d = 2.
+    curves, loss_times = data.loss_curves(np.array([[1.0, 1.0, 1.0], [0.5, 2.0, 4.0]]))
+    assert curves.shape == (2, 1000) and loss_times.tolist() == [205, 336]
+    assert curves[0, 204] >= 0.5 > curves[0, 205]
+    assert curves[1, 100] == pytest.approx(math.erf(math.sqrt(diffusion.linear_schedule().snr[100].item()) * 2
+                                                    / (2 * math.sqrt(2))), abs=1e-6)
+    assert data.loss_curves(np.zeros((1, 3)))[1].tolist() == [0]          # identical images: lost at once

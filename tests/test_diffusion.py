@@ -103,3 +103,12 @@ def test_ddpm_loss_of_the_exact_predictor_is_zero():
     x0 = torch.full((8, 3, 4, 4), 0.5)
     exact = lambda xt, t: point_mass_eps(s, x0)(xt, t)[0]
     assert D.ddpm_loss(exact, s, x0).item() < 1e-8
+
+
+def test_linear_schedule_snr_and_abar_prev_follow_from_abar():
+    s = D.linear_schedule()
+    assert torch.allclose(s.alphas, 1 - s.betas)
+    assert torch.allclose(s.abar_prev[1:], s.abar[:-1])                   # abar_{t-1}, abar_{-1} := 1
+    abar = s.abar.double()                                                 # 1 - abar in float32 is coarse near 1
+    assert torch.allclose(s.snr.double(), abar / (1 - abar), rtol=2e-3)   # SNR_t = abar_t / (1 - abar_t)
+    assert (s.snr[1:] < s.snr[:-1]).all()                                  # the signal only ever fades

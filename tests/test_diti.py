@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import diffusion as D
-from diti import (DiTi, Encoder, Partition, condition, cumulative_mask, diti_loss, make_partition,
+from diti import (DiTi, Encoder, Partition, condition, cumulative_mask, diti_loss, fitted_partition, make_partition,
                   paper_partition, staged_partition, subset_table, uniform_partition)
 from unet import UNet, UNetConfig
 
@@ -151,3 +151,39 @@ def test_subset_table_lists_every_subset():
 def test_staged_partition_rejects_an_empty_stage():
     with pytest.raises(ValueError, match="holds no subset"):
         staged_partition(4, (50, 100, 1000), (1, 1, 6))
+
+
+def step_tv(loss_times, T=1000):
+    """TV curves that fall from 1 to 0 exactly at each loss time."""
+    return (torch.arange(T)[None] < torch.tensor(loss_times)[:, None]).double()
+
+
+def test_fitted_partition_puts_the_dims_where_the_factors_are_lost():
+    # k = 4 subsets of 250 steps; three factors lost at t = 100, 120 (subset 0) and 600 (subset 2)
+    p = fitted_partition(step_tv([100, 120, 600]), d=64, k=4)
+    dims = [e - s for s, e in zip(p.starts(), p.ends)]
+    # 60 spare dims split 2:0:1:0 -> 40, 0, 20, 0, plus one dim each
+    assert dims == [41, 1, 21, 1] and p.d == 64
+
+
+def test_fitted_partition_without_any_loss_is_uniform():
+    assert fitted_partition(torch.zeros(2, 1000), d=8, k=4).ends == (2, 4, 6, 8)
+
+
+def test_diti_loss_reads_only_the_dims_switched_on_at_t():
+    unet, model, s = tiny_setup(k=4, d=8)                 # ends 2, 4, 6, 8; subsets of 250 time-steps
+    perturb(model.decoder)
+    x0, eps = torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 3, 16, 16)
+    t = torch.tensor([100, 300, 600, 900])                # subsets 0, 1, 2, 3: dims [0, 2), [0, 4), [0, 6), all
+    z = torch.randn(4, 8)
+    model.encode = lambda x: z
+    losses = {}
+    for mode in ("base", "stop_grad"):
+        losses[mode] = diti_loss(model, unet, s, x0, mode, t, eps)[1]
+        late = z.clone()
+        late[:, 6:] += 1.0                                 # dims that only t >= 750 sees
+        model.encode = lambda x: late
+        changed = diti_loss(model, unet, s, x0, mode, t, eps)[1] != losses[mode]
+        model.encode = lambda x: z
+        assert changed.tolist() == [False, False, False, True], mode
+    assert torch.allclose(losses["base"], losses["stop_grad"])              # same value, other gradients

@@ -1,0 +1,298 @@
+"""GitHub issue 6: exact resume after a kill, one clear line for every bad input, torchrun.
+
+Every test runs `python train.py ...` as a subprocess, as a user would, on tiny models (16 px, 8 channels,
+batch 8) with one thread each. A bad input must give exit code 2, one line `error: <what is wrong, which
+file, what to do>` on stderr, no traceback, and leave any existing checkpoint byte for byte as it was.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+DM = ["--preset", "tiny", "--image-size", "16", "--n-train", "64", "--base-channels", "8", "--batch-size", "8",
+      "--sample-steps", "1"]
+DITI = ["--preset", "tiny", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """One thread per process; the synthetic data cached once for the session."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DITI_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def train(env, *args, timeout=120):
+    return subprocess.run([sys.executable, TRAIN, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(env, *args):
+    return subprocess.Popen([sys.executable, TRAIN, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def finished(result):
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+SHORT = ["--steps", 2, "--precision", "fp32"]     # the shared runs, also the one-process runs torchrun must match
+
+
+@pytest.fixture(scope="session")
+def dm_ckpt(env, tmp_path_factory):
+    """A DDPM checkpoint trained for 2 steps, shared by the tests; they must not change it."""
+    out = tmp_path_factory.mktemp("dm")
+    finished(train(env, "dm", *DM, *SHORT, "--out", out))
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def diti_ckpt(env, dm_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diti")
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--out", out))
+    return out / "ckpt.pt"
+
+
+def snapshot(path):
+    return Path(path).read_bytes(), os.stat(path).st_mtime_ns
+
+
+def assert_user_error(result, *fragments):
+    """Exit code 2, no traceback, and stderr's last line is `error: ...` holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def losses(out):
+    return [row["loss"] for row in json.loads((Path(out) / "log.json").read_text())]
+
+
+def weights(out, key="model"):
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)[key]
+
+
+def checkpoint_step(path):
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except Exception:                     # not written yet
+        return 0
+
+
+def kill_after_checkpoint(proc, path, step, timeout=60):
+    """SIGKILL the run once its checkpoint holds `step` or later; returns the step it held."""
+    deadline = time.time() + timeout
+    while checkpoint_step(path) < step:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    return checkpoint_step(path)
+
+
+# ---- exact resume ---------------------------------------------------------------------------------------
+
+def check_kill_and_resume(env, stage, args, steps, kill_at, tmp_path):
+    """The uninterrupted run and the run killed then resumed log the same losses and end on the same weights."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = [stage, *args, "--steps", steps, "--seed", 3]
+    uninterrupted = start(env, *args, "--out", whole)                  # runs alongside the killed run
+    killed_at = kill_after_checkpoint(start(env, *args, "--out", broken), broken / "ckpt.pt", kill_at)
+    assert kill_at <= killed_at < steps
+    resumed = finished(train(env, *args, "--out", broken, "--resume"))
+    assert f"resumed {broken / 'ckpt.pt'} at step {killed_at}" in resumed.stdout
+    assert uninterrupted.wait(timeout=120) == 0
+    assert len(losses(broken)) == steps
+    assert losses(broken) == losses(whole)                              # exactly, on CPU
+    for key in ("model", "ema"):
+        a, b = weights(whole, key), weights(broken, key)
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_ddpm_killed_and_resumed_repeats_the_uninterrupted_losses(env, tmp_path):
+    check_kill_and_resume(env, "dm", [*DM, "--ckpt-every", 3], steps=15, kill_at=6, tmp_path=tmp_path)
+
+
+def test_diti_killed_and_resumed_repeats_the_uninterrupted_losses(env, dm_ckpt, tmp_path):
+    check_kill_and_resume(env, "diti", [*DITI, "--dm", dm_ckpt, "--ckpt-every", 2], steps=8, kill_at=2,
+                          tmp_path=tmp_path)
+
+
+# ---- the loss guard -------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(env, dm_ckpt, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(dm_ckpt.read_bytes())          # a good run at step 2
+    before = snapshot(tmp_path / "ckpt.pt")
+    # --lr applies on resume; lr 1e30 throws the weights to ~1e30 at step 3, so step 4's loss overflows
+    result = train(env, "dm", *DM, "--steps", 8, "--ckpt-every", 100, "--lr", 1e30, "--resume", "--out", tmp_path)
+    assert_user_error(result, "the dm loss became", "at step 4", "checkpoint", "(step 2) is intact", "--resume")
+    assert snapshot(tmp_path / "ckpt.pt") == before
+
+
+# ---- bad input: one line, exit code 2, no traceback -----------------------------------------------------
+
+def test_missing_data_folder(env, tmp_path):
+    result = train(env, "dm", *DM, "--data", "folder", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert_user_error(result, str(tmp_path / "nowhere"), "does not exist")
+
+
+def make_celeba(root, attributes=True, bad_line=False):
+    (root / "img_align_celeba").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((218, 178, 3), 90 * i, np.uint8)).save(root / "img_align_celeba" / f"00000{i + 1}.jpg")
+    if attributes:
+        names = [f"Attr{i}" for i in range(40)]
+        rows = [f"00000{i + 1}.jpg " + " ".join(["1"] * 40) for i in range(2)]
+        if bad_line:
+            rows[1] = rows[1].replace(" 1", " 2", 1)
+        (root / "list_attr_celeba.txt").write_text("\n".join(["2", " ".join(names), *rows]) + "\n")
+    return root
+
+
+def test_celeba_folder_without_attribute_file(env, tmp_path):
+    root = make_celeba(tmp_path / "celeba", attributes=False)
+    result = train(env, "dm", *DM, "--data", "celeba", "--data-dir", root, "--out", tmp_path / "o")
+    assert_user_error(result, "list_attr_celeba.txt", str(root), "download")
+
+
+def test_malformed_attribute_line(env, tmp_path):
+    root = make_celeba(tmp_path / "celeba", bad_line=True)
+    result = train(env, "dm", *DM, "--data", "celeba", "--data-dir", root, "--out", tmp_path / "o")
+    assert_user_error(result, str(root / "list_attr_celeba.txt"), "line 4", "-1/1")
+
+
+def test_corrupt_jpeg_is_skipped_with_a_one_line_warning_and_the_run_proceeds(env, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "broken.jpg")
+    (folder / "broken.jpg").write_bytes((folder / "broken.jpg").read_bytes()[:300])
+    result = finished(train(env, "dm", *DM, "--data", "folder", "--data-dir", folder, "--steps", 1,
+                            "--out", tmp_path / "o"))
+    assert "warning: skipped 1 corrupt or truncated image(s), e.g. " + str(folder / "broken.jpg") in result.stderr
+    assert "4 images" in result.stdout and "Traceback" not in result.stderr
+    assert (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_image_folder_without_images(env, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("no pictures here")
+    result = train(env, "dm", *DM, "--data", "folder", "--data-dir", tmp_path / "images", "--out", tmp_path / "o")
+    assert_user_error(result, str(tmp_path / "images"), "has no jpg/jpeg/png/webp files")
+
+
+def test_resuming_stage_2_against_a_ddpm_with_another_unet(env, dm_ckpt, diti_ckpt, tmp_path):
+    ck = torch.load(dm_ckpt, weights_only=True)                    # a DDPM of another width, never trained
+    sys.path.insert(0, str(ROOT))
+    from unet import UNet, UNetConfig
+    cfg = UNetConfig(**{**ck["unet"], "base_channels": 16, "channel_mult": tuple(ck["unet"]["channel_mult"]),
+                        "attn_resolutions": tuple(ck["unet"]["attn_resolutions"])})
+    ck["unet"], ck["model"] = dict(cfg.__dict__), UNet(cfg).state_dict()
+    ck["ema"] = ck["model"]
+    torch.save(ck, tmp_path / "other_dm.pt")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(diti_ckpt.read_bytes())
+    before = snapshot(out / "ckpt.pt")
+    result = train(env, "diti", *DITI, "--dm", tmp_path / "other_dm.pt", "--steps", 2, "--resume", "--out", out)
+    assert_user_error(result, str(out / "ckpt.pt"), str(dm_ckpt), "base_channels: 8 -> 16",
+                      "pass the --dm it was trained with")
+    assert snapshot(out / "ckpt.pt") == before
+
+
+def test_stage_2_checkpoint_given_as_the_ddpm(env, diti_ckpt, tmp_path):
+    before = snapshot(diti_ckpt)
+    result = train(env, "diti", *DITI, "--dm", diti_ckpt, "--out", tmp_path / "o")
+    assert_user_error(result, str(diti_ckpt), "is a 'diti' checkpoint but a 'dm' one is needed",
+                      "--dm takes the DDPM checkpoint")
+    assert snapshot(diti_ckpt) == before
+
+
+def test_truncated_checkpoint(env, dm_ckpt, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(dm_ckpt.read_bytes()[:5000])
+    before = snapshot(out / "ckpt.pt")
+    result = train(env, "dm", *DM, "--resume", "--out", out)
+    assert_user_error(result, str(out / "ckpt.pt"), "cannot be read", "truncated")
+    assert snapshot(out / "ckpt.pt") == before
+
+
+def test_existing_run_needs_resume(env, dm_ckpt, tmp_path):
+    before = snapshot(dm_ckpt)
+    result = train(env, "dm", *DM, "--out", dm_ckpt.parent)
+    assert_user_error(result, str(dm_ckpt), "exists: pass --resume")
+    assert snapshot(dm_ckpt) == before
+
+
+def test_unknown_preset(env, tmp_path):
+    assert_user_error(train(env, "dm", "--preset", "huge"), "unknown preset 'huge'", "tiny")
+
+
+def test_flag_value_of_the_wrong_type(env, tmp_path):
+    assert_user_error(train(env, "dm", *DM, "--steps", "ten"), "--steps 'ten' is not a valid int")
+
+
+def test_unknown_flag_is_one_line_not_a_usage_block(env, tmp_path):
+    result = train(env, "dm", *DM, "--stepz", 5)
+    assert_user_error(result, "unrecognized arguments: --stepz 5", "train.py dm --help")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_k_larger_than_the_latent(env, dm_ckpt, tmp_path):
+    before = snapshot(dm_ckpt)
+    result = train(env, "diti", *DITI, "--dm", dm_ckpt, "--k", 32, "--z-dim", 16, "--out", tmp_path / "o")
+    assert_user_error(result, "k=32", "d=16", "choose 1 <= k <= d")
+    assert snapshot(dm_ckpt) == before
+
+
+def test_stage_dims_not_summing_to_the_latent(env, dm_ckpt, tmp_path):
+    result = train(env, "diti", *DITI, "--dm", dm_ckpt, "--partition", "staged", "--k", 5, "--z-dim", 16,
+                   "--stage-dims", "1,2,3,4,5", "--out", tmp_path / "o")
+    assert_user_error(result, "sum to 15, not the latent size d=16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_where_there_is_none(env, tmp_path):
+    assert_user_error(train(env, "dm", *DM, "--device", "cuda", "--out", tmp_path / "o"), "no CUDA GPU",
+                      "--device cpu")
+
+
+# ---- torchrun -------------------------------------------------------------------------------------------
+
+def torchrun(env, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           TRAIN, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("stage", ["dm", "diti"])
+def test_two_processes_match_one_at_the_same_global_batch(env, dm_ckpt, diti_ckpt, stage, tmp_path):
+    """Rank r takes rows r, r + 2, ... of the global batch, with those rows' t and eps; the gradients are
+    averaged over the ranks. So 2 gloo processes train as 1 does, up to float rounding (fp32 here).
+    The one-process runs are the shared checkpoints, trained with the same flags."""
+    one = (dm_ckpt if stage == "dm" else diti_ckpt).parent
+    args = [*DM] if stage == "dm" else [*DITI, "--dm", dm_ckpt]
+    result = torchrun(env, stage, *args, *SHORT, "--out", tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (result.stdout + result.stderr).count("parameters, ") == 1   # rank 0 alone prints
+    assert np.allclose(losses(tmp_path), losses(one), rtol=1e-4, atol=0)
+    for key in ("model", "ema"):
+        a, b = weights(one, key), weights(tmp_path, key)
+        assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
+    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"]) == 2
