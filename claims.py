@@ -88,11 +88,14 @@ def shared_classifier(seed_dir, eval_cfg, dm_cfg):
     return path
 
 
-def run_grid(out, preset, eval_preset, seeds, rows, overrides):
+def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
     """Train and evaluate every (seed, row) not yet in claims.json; returns the claims dict."""
     path = os.path.join(out, "claims.json")
     claims = json.load(open(path)) if os.path.isfile(path) else dict(runs={})
-    claims.update(preset=preset, eval_preset=eval_preset, seeds=seeds, rows=rows, overrides=overrides)
+    union = lambda old, new: list(dict.fromkeys(list(old) + list(new)))     # a later call may add rows/seeds
+    claims.update(preset=preset, eval_preset=eval_preset, seeds=union(claims.get("seeds", []), seeds),
+                  rows=union(claims.get("rows", []), rows), overrides=overrides,
+                  commands=union(claims.get("commands", []), [command] if command else []))
     todo = [(s, r) for s in seeds for r in rows if f"seed{s}/{r}" not in claims["runs"]]
     print(f"claims grid: {len(seeds)} seeds x {len(rows)} rows, {len(todo)} runs to go -> {path}")
     for n, (seed, row) in enumerate(todo):
@@ -186,8 +189,8 @@ def write_markdown(claims, path):
     names = list(claims.get("loss_times", {}))
     lines = [f"# Does DiTi order attributes by granularity? (preset `{claims['preset']}`, eval "
              f"`{claims['eval_preset']}`)", "",
-             "Regenerate: `python claims.py " + " ".join(sys.argv[1:]) + "`" if sys.argv[0].endswith("claims.py")
-             else "", "",
+             "Regenerate (each command resumes; together they give this table):", "",
+             *[f"    python claims.py {c}" for c in claims.get("commands", [])], "",
              "Loss times t_f: " + ", ".join(f"{n} {t}" for n, t in claims.get("loss_times", {}).items()), "",
              "Spearman(home, t_f) over the learned factors (full-z probe >= 0.9), mean ± std over seeds; "
              "[n factors covered; homes min-max].", "",
@@ -234,13 +237,9 @@ def main(argv=None):
                      diti_fields=dict(steps=a.steps) if a.steps else {})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
-                      overrides)
+                      overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))
     print(f"claims: {write_markdown(claims, os.path.join(a.out, 'claims.md'))}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (train.UserError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(train.cli(main))

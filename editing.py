@@ -71,7 +71,8 @@ def timed(seconds, part):
     seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
 
 
-def _chunks(n, size):
+def chunks(n, size):
+    """Slices that cut range(n) into pieces of at most size."""
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -79,7 +80,7 @@ def _chunks(n, size):
 def invert(decoder, z, x0, steps, batch_size=256, desc="ddim invert"):
     """SPEC §4: DDIM run forward (t rising) with the shift, x_0 -> x_T, conditioned on z (B, d)."""
     out = [diffusion.ddim_invert(decoder.eps_fn(z[s]), decoder.sched, x0[s], steps)
-           for s in tqdm(_chunks(len(z), batch_size), desc=desc, leave=False)]
+           for s in tqdm(chunks(len(z), batch_size), desc=desc, leave=False)]
     return torch.cat(out)
 
 
@@ -87,7 +88,7 @@ def invert(decoder, z, x0, steps, batch_size=256, desc="ddim invert"):
 def decode(decoder, z, x_T, steps, batch_size=256, desc="ddim decode"):
     """SPEC §4: DDIM run backward with the shift, x_T -> x_0, conditioned on z (B, d). Chunked over B."""
     out = [diffusion.ddim_sample(decoder.eps_fn(z[s]), decoder.sched, x_T[s], steps)
-           for s in tqdm(_chunks(len(z), batch_size), desc=desc, leave=False)]
+           for s in tqdm(chunks(len(z), batch_size), desc=desc, leave=False)]
     return torch.cat(out)
 
 
@@ -245,7 +246,7 @@ def classifier_loss(model, x, y):
 def classifier_accuracy(model, images, labels, batch_size=512):
     """Per-factor accuracy (F,) on uint8 images and (N, F) labels."""
     model.eval()
-    preds = torch.cat([model.predict(data.to_tensor(images[s])) for s in _chunks(len(images), batch_size)])
+    preds = torch.cat([model.predict(data.to_tensor(images[s])) for s in chunks(len(images), batch_size)])
     return (preds.numpy() == labels).mean(0)
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -29,8 +30,8 @@ import editing
 import metrics
 import report
 import train
-from editing import timed
 from diti import uniform_partition
+from editing import timed
 from plots import heatmap
 
 METHODS = ("diti", "diti_stop_grad", "pdae", "disdiff")     # the run-dir folders evaluate.py looks for
@@ -48,10 +49,10 @@ class EvalConfig:
     unit_probe_epochs: int = 5         # one probe per unit (metrics.probe_per_unit)
     sparse_l1: float = 0.01            # importance view and DCI (metrics.fit_sparse_probe)
     sparse_steps: int = 200
-    usage_pairs: int = 4               # pairs per factor and t range for the usage view
+    usage_pairs: int = 3               # pairs per factor and t range for the usage view
     ddim_steps: int = 10               # DDIM steps for inversion and every decode
-    edit_pairs: int = 24               # test pairs for reconstruction and edit specificity
-    classifier_steps: int = 400        # the factor classifier of the edit view
+    edit_pairs: int = 16               # test pairs for reconstruction and edit specificity
+    classifier_steps: int = 300        # the factor classifier of the edit view
     cf_pairs: int = 2                  # counterfactual pairs drawn
     cf_alphas: int = 5
     cf_slerp: bool = False             # x_T = slerp(x_T1, x_T2, alpha) instead of x_T1
@@ -67,6 +68,8 @@ class EvalConfig:
     ordering_rho: float = 0.8          # "the ordering appears" when Spearman over learned factors reaches this
     seed: int = 0
     device: str = "auto"
+    threads: int = 1                   # torch threads on CPU (on a busy 2-core machine, 2 threads made the
+                                       # decoder passes 15-50x slower than 1)
 
 
 EVAL_PRESETS = {
@@ -134,20 +137,17 @@ def load_representation(path, device, name, units_k=None):
     kind = train.load_checkpoint(path)["kind"]
     if kind == "diti":
         return diti_representation(path, device, name, units_k)
-    try:
-        import disdiff
-        return disdiff.representation(path, device, name)
-    except (ImportError, AttributeError):
-        print(f"skipping {path}: a '{kind}' checkpoint needs a representation(path, device, name) function in "
-              f"{kind}.py, which is not there yet")
-        return None
+    if kind != "disdiff":
+        raise train.UserError(f"{path} is a '{kind}' checkpoint: evaluate a stage-2 (diti or disdiff) checkpoint")
+    import disdiff
+    return disdiff.representation(path, device, name)
 
 
 @torch.no_grad()
 def encode_images(rep, images, batch_size, device, desc="encode"):
     """uint8 images (N, H, W, 3) -> z (N, d) numpy, batched, with the (EMA) encoder."""
     out = [rep.encode(data.to_tensor(images[s]).to(device)).float().cpu()
-           for s in tqdm(editing._chunks(len(images), batch_size), desc=f"{desc} ({rep.name})", leave=False)]
+           for s in tqdm(editing.chunks(len(images), batch_size), desc=f"{desc} ({rep.name})", leave=False)]
     return torch.cat(out).numpy()
 
 
@@ -370,46 +370,65 @@ def default_units(checkpoints, preset):
     return train.PRESETS[preset].get("diti", {}).get("k", train.DiTiConfig.k)
 
 
+@contextmanager
+def torch_threads(n):
+    """Run the with-block with n torch threads (None: leave as is), then restore the count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shared_views(ev, cfg, fig_dir):
+    """What every method shares on synthetic data: the TV_t curves (SPEC §7) and the factor classifier of the
+    edit view (cached in fig_dir). Returns (report entries, classifier or None)."""
+    out, classifier = {}, None
+    if ev.generator is None:
+        return out, classifier
+    out["tv_curves_png"] = data.plot_tv_curves(ev.curves, ev.train.factor_names, os.path.join(fig_dir, "tv_curves.png"),
+                                               ev.loss_times)
+    if cfg.classifier_steps > 0:
+        classifier, acc, seconds = editing.load_or_train_classifier(
+            os.path.join(fig_dir, "factor_classifier.pt"), ev.full_train, ev.test, cfg.classifier_steps, seed=cfg.seed)
+        ev.classifier_rescaled = metrics.rescaled_accuracy(acc, ev.train.num_values)
+        out["classifier"] = dict(accuracy=acc, rescaled=ev.classifier_rescaled, steps=cfg.classifier_steps,
+                                 batch_size=64, train_seconds=seconds)
+    return out, classifier
+
+
 def evaluate(checkpoints, out_dir, preset="quick", cfg=None, units=None, extra=None):
     """Evaluate {method: ckpt path}; write <out_dir>/report.json and report.md; return the report dict."""
     cfg = cfg or eval_config(preset)
     if not checkpoints:
-        raise train.UserError(f"no checkpoints to evaluate: train first (python run.py) or pass --ckpt")
+        raise train.UserError("no checkpoints to evaluate: train first (python run.py) or pass --ckpt")
     device = train.pick_device(cfg.device)
     fig_dir = os.path.join(out_dir, "eval")
     os.makedirs(fig_dir, exist_ok=True)
     units = units or default_units(checkpoints, preset)
     start = time.perf_counter()
-    reps = {m: load_representation(p, device, m, units) for m, p in checkpoints.items()}
-    reps = {m: rep for m, rep in reps.items() if rep is not None}
-    if not reps:
-        raise train.UserError(f"none of {', '.join(checkpoints.values())} can be evaluated")
-    dm_config = next(iter(reps.values())).info["dm_config"]
-    ev = load_eval_data(dm_config, cfg)
-    result = dict(preset=preset, eval_config=dataclasses.asdict(cfg), device=str(device), units=units,
-                  data=dict(name=dm_config["data"], image_size=dm_config["image_size"], n_train=len(ev.train),
-                            n_test=len(ev.test), factors=ev.train.factor_names, num_values=ev.train.num_values),
-                  methods={}, timings={}, **(extra or {}))
-    classifier = None
-    if ev.generator is not None:
-        result["data"]["loss_times"] = ev.loss_times
-        result["data"]["tv_curves_png"] = data.plot_tv_curves(ev.curves, ev.train.factor_names,
-                                                              os.path.join(fig_dir, "tv_curves.png"), ev.loss_times)
-        if cfg.classifier_steps > 0:
-            classifier, acc, seconds = editing.load_or_train_classifier(
-                os.path.join(fig_dir, "factor_classifier.pt"), ev.full_train, ev.test, cfg.classifier_steps,
-                seed=cfg.seed)
-            ev.classifier_rescaled = metrics.rescaled_accuracy(acc, ev.train.num_values)
-            result["classifier"] = dict(accuracy=acc, rescaled=ev.classifier_rescaled, steps=cfg.classifier_steps,
-                                        batch_size=64, train_seconds=seconds)
-    for name, rep in reps.items():
-        t0 = time.perf_counter()
-        print(f"evaluating {name}")
-        result["methods"][name] = evaluate_method(rep, ev, cfg, classifier, fig_dir, device)
-        result["timings"][name] = time.perf_counter() - t0
+    with torch_threads(cfg.threads if device.type == "cpu" else None):
+        reps = {m: load_representation(p, device, m, units) for m, p in checkpoints.items()}
+        reps = {m: rep for m, rep in reps.items() if rep is not None}
+        if not reps:
+            raise train.UserError(f"none of {', '.join(checkpoints.values())} can be evaluated")
+        dm_config = next(iter(reps.values())).info["dm_config"]
+        ev = load_eval_data(dm_config, cfg)
+        shared, classifier = shared_views(ev, cfg, fig_dir)
+        result = dict(preset=preset, eval_config=dataclasses.asdict(cfg), device=str(device), units=units,
+                      data=dict(name=dm_config["data"], image_size=dm_config["image_size"], n_train=len(ev.train),
+                                n_test=len(ev.test), factors=ev.train.factor_names, num_values=ev.train.num_values,
+                                loss_times=ev.loss_times, tv_curves_png=shared.get("tv_curves_png")),
+                      classifier=shared.get("classifier"), methods={}, timings={}, **(extra or {}))
+        for name, rep in reps.items():
+            print(f"evaluating {name}")
+            t0 = time.perf_counter()
+            result["methods"][name] = evaluate_method(rep, ev, cfg, classifier, fig_dir, device)
+            result["timings"][name] = time.perf_counter() - t0
     result["timings"]["total"] = time.perf_counter() - start
-    result = report.write(result, out_dir)
-    return result
+    return report.write(result, out_dir)
 
 
 def parse_overrides(args):
@@ -436,12 +455,9 @@ def main(argv=None):
     p.add_argument("--out", help="where report.json/md go (default: the run dir, or the checkpoint's folder)")
     p.add_argument("--preset", default=None, help="eval sizes (default: the run's preset, else quick)")
     p.add_argument("--units", type=int, default=None, help="chunks to cut a PDAE z into (default: DiTi's k)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
     for f in fields(EvalConfig):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if bool(args.run) == bool(args.ckpt):
         raise train.UserError("pass either --run <run dir> or --ckpt <checkpoint>")
     if args.run:
@@ -460,8 +476,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (train.UserError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(train.cli(main))

@@ -1,12 +1,12 @@
-"""The main job: DDPM pre-training, DiTi (base and stop_grad) and PDAE on the frozen DDPM, then the evaluation
-of all three and the report.
+"""The main job: DDPM pre-training, DiTi (base and stop_grad), PDAE and DisDiff on the frozen DDPM, then the
+evaluation of all four and the report.
 
     python run.py                                   # --preset quick --out runs/quick
     python run.py --preset tiny --out /tmp/smoke    # the smoke run (about a minute)
     python run.py --fresh                           # retrain every stage instead of reusing finished ones
 
 A stage whose checkpoint reached the configured steps is reused, an unfinished one resumes. Layout of --out:
-dm/, diti/, diti_stop_grad/, pdae/ (checkpoints and training plots), eval/ (figures), run.json (preset,
+dm/, diti/, diti_stop_grad/, pdae/, disdiff/ (checkpoints and training plots), eval/ (figures), run.json (preset,
 training wall times), report.json, report.md.
 """
 import argparse
@@ -23,7 +23,8 @@ import evaluate
 import train
 from train import UserError
 
-STAGE2 = {"diti": dict(mode="base"), "diti_stop_grad": dict(mode="stop_grad"), "pdae": dict(k=1, mode="base")}
+STAGE2 = {"diti": dict(mode="base"), "diti_stop_grad": dict(mode="stop_grad"), "pdae": dict(k=1, mode="base"),
+          "disdiff": dict()}
 IGNORED = {"steps", "out", "dm", "device", "precision", "ckpt_every"}   # may change without retraining
 
 
@@ -33,7 +34,8 @@ def stage_configs(preset, out, device):
     dm.out, dm.device = os.path.join(out, "dm"), device
     stage2 = {}
     for name, overrides in STAGE2.items():
-        cfg = train.DiTiConfig(**{**train.PRESETS[preset].get("diti", {}), **overrides})
+        stage = "disdiff" if name == "disdiff" else "diti"
+        cfg = train.STAGES[stage](**{**train.PRESETS[preset].get(stage, {}), **overrides})
         cfg.dm, cfg.out, cfg.device = os.path.join(dm.out, "ckpt.pt"), os.path.join(out, name), device
         stage2[name] = cfg
     return dm, stage2
@@ -87,7 +89,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
     p.add_argument("--fresh", action="store_true", help="retrain every stage")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training and evaluation (default: torch's choice to train, 1 to evaluate)")
     args = p.parse_args(argv)
     if args.preset not in train.PRESETS:
         raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(train.PRESETS)}")
@@ -108,13 +111,14 @@ def main(argv=None):
         for cfg in stage2.values():         # a changed DDPM invalidates everything trained on it
             remove_checkpoint(cfg)
     for name, cfg in stage2.items():
-        run_stage(name, cfg, "diti", train.train_diti, seconds)
+        kind = "disdiff" if name == "disdiff" else "diti"
+        run_stage(name, cfg, kind, train.train_disdiff if kind == "disdiff" else train.train_diti, seconds)
     run_info = dict(preset=args.preset, train_seconds=seconds, configs=dict(dm=asdict(dm_cfg), **{
         n: asdict(c) for n, c in stage2.items()}))
     with open(run_path, "w") as f:
         json.dump(plain(run_info), f, indent=1)
 
-    cfg = evaluate.eval_config(args.preset, device=args.device)
+    cfg = evaluate.eval_config(args.preset, device=args.device, threads=args.threads or 1)
     checkpoints = {n: os.path.join(c.out, "ckpt.pt") for n, c in stage2.items()}
     evaluate.evaluate(checkpoints, out, args.preset, cfg,
                       extra=dict(run=dict(preset=args.preset, train_seconds=seconds)))
@@ -123,11 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; finished stages and the last checkpoints are kept (run again to resume)", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(train.cli(main))

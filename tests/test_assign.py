@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import assign
+import assignment_checks
 
 ROOT = Path(assign.__file__).resolve().parent
 
@@ -47,7 +48,8 @@ def test_a_blanked_copy_keeps_signature_docstring_and_every_other_byte(tmp_path)
         assert [d.id for d in after.decorator_list] == [d.id for d in before.decorator_list]
         assert isinstance(after.body[-1], ast.Raise) and len(after.body) == 2
     # everything outside the two bodies is the reference, line for line
-    cut = [(funcs[n].body[1].lineno, funcs[n].end_lineno) for n in ("diti.Partition.subset_of_t", "diti.cumulative_mask")]
+    cut = [(funcs[n].body[1].lineno, funcs[n].end_lineno) for n in ("diti.Partition.subset_of_t",
+                                                                     "diti.cumulative_mask")]
     ref_lines, new_lines = ref.split("\n"), new.split("\n")
     kept = [line for i, line in enumerate(ref_lines, 1) if not any(a <= i <= b for a, b in cut)]
     assert [line for line in new_lines if "NotImplementedError" not in line] == kept
@@ -114,8 +116,8 @@ def test_every_assignment_blanks_real_functions_each_graded_by_a_test_named_afte
 
 def test_the_figures_of_the_deterministic_checks_are_those_assignments_md_states(capsys):
     stated = (ROOT / "ASSIGNMENTS.md").read_text(encoding="utf-8")
-    assign.check_masks(0, False)
-    assign.check_schedule(0, False)
+    assignment_checks.check_masks(0, False)
+    assignment_checks.check_schedule(0, False)
     lines = capsys.readouterr().out.splitlines()
     for line in lines[:lines.index(next(l for l in lines if l.startswith("abar_0"))) + 1]:
         assert line.strip() in stated, f"ASSIGNMENTS.md does not state the figure line: {line}"

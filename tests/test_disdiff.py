@@ -83,7 +83,7 @@ def test_l_dis_gives_gradient_to_the_decoder_only_never_to_the_encoder_or_z(setu
     t, c = torch.tensor([100, 300, 450, 600]), torch.tensor([0, 1, 2, 1])
     x_t, feats = frozen_features(unet, sched, x0, t)
     eps_theta = unet.decode(feats)
-    for stabilise in ("none", "clip"):
+    for stabilise in ("none", "clip", "cap"):
         z = model.encode(x0)
         _, G_c = shifts_and_chosen(model, feats, z, c)
         dis, _, _ = disentangle_loss(model, sched, x_t, t, eps_theta, G_c, z, c, stabilise=stabilise)
@@ -160,7 +160,7 @@ def test_train_py_disdiff_tiny_writes_a_checkpoint_that_reloads(tmp_path, monkey
                 "--out", str(out)])
     model, unet, ckpt = load_disdiff(str(out / "ckpt.pt"))
     assert ckpt["kind"] == "disdiff" and ckpt["step"] == 3
-    assert ckpt["config"]["factors"] == 4 and ckpt["config"]["stabilise"] == "clip"
+    assert ckpt["config"]["factors"] == 4 and ckpt["config"]["stabilise"] == "cap"
     for name, value in model.state_dict().items():
         assert torch.equal(value, ckpt["ema"][name]), name
     assert model.encode(torch.zeros(2, 3, 32, 32)).shape == (2, 16) and len(model.units) == 4

@@ -1,6 +1,7 @@
 """Tests for evaluate.py, editing.py, report.py and run.py: the usage view on a decoder whose reading is known,
 the map wrapper (homes + Spearman over learned factors) on a code whose homes are known, counterfactual codes,
 specificity, and a smoke run of the main job at the tiny preset."""
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -169,16 +170,17 @@ def test_specificity_of_perfectly_specific_edits_is_one():
 
 # ----------------------------------------------------------------------------- the main job
 
-def test_main_job_smoke_writes_every_key_for_all_three_methods(tmp_path, monkeypatch):
+def test_main_job_smoke_writes_every_key_for_all_four_methods(tmp_path, monkeypatch):
     # the tiny preset with fewer steps, so the test stays near a minute on a busy 2-core CPU
     tiny = train.PRESETS["tiny"]
     monkeypatch.setitem(train.PRESETS, "tiny", dict(dm=dict(tiny["dm"], steps=6, ckpt_every=3),
-                                                    diti=dict(tiny["diti"], steps=6, ckpt_every=3)))
+                                                    diti=dict(tiny["diti"], steps=6, ckpt_every=3),
+                                                    disdiff=dict(tiny["disdiff"], steps=6, ckpt_every=3)))
     out = str(tmp_path / "smoke")
     report_md = run.main(["--preset", "tiny", "--out", out, "--device", "cpu"])
 
     result = json.load(open(os.path.join(out, "report.json")))
-    assert set(result["methods"]) == {"diti", "diti_stop_grad", "pdae"}
+    assert set(result["methods"]) == {"diti", "diti_stop_grad", "pdae", "disdiff"}
     keys = {"info", "units", "t_ranges", "probe", "probe_map", "importance", "usage", "edit", "dci", "dci_pca",
             "mig", "few_shot", "reconstruction", "specificity", "counterfactual", "manipulation", "timings"}
     for name, method in result["methods"].items():
@@ -193,4 +195,24 @@ def test_main_job_smoke_writes_every_key_for_all_three_methods(tmp_path, monkeyp
     assert os.path.isfile(os.path.join(out, result["data"]["tv_curves_png"]))
     dm_cfg, stage2 = run.stage_configs("tiny", out, "cpu")                  # a rerun would reuse every stage
     assert run.stage_state(dm_cfg, "dm") == "finished"
-    assert all(run.stage_state(cfg, "diti") == "finished" for cfg in stage2.values())
+    assert all(run.stage_state(cfg, "disdiff" if name == "disdiff" else "diti") == "finished"
+               for name, cfg in stage2.items())
+
+
+def test_stage_state_resumes_an_unfinished_checkpoint_and_refuses_other_settings(tmp_path):
+    dm_cfg, _ = run.stage_configs("tiny", str(tmp_path), "cpu")
+    assert run.stage_state(dm_cfg, "dm") == "new"
+    path = os.path.join(dm_cfg.out, "ckpt.pt")
+    train.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps - 1, config=dataclasses.asdict(dm_cfg)))
+    assert run.stage_state(dm_cfg, "dm") == "unfinished"
+    train.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps, config=dataclasses.asdict(dm_cfg)))
+    assert run.stage_state(dm_cfg, "dm") == "finished"
+    with pytest.raises(train.UserError, match="base_channels"):
+        run.stage_state(dataclasses.replace(dm_cfg, base_channels=64), "dm")
+
+
+def test_every_training_preset_has_eval_sizes_and_flags_override_them():
+    assert all(evaluate.eval_config(p) for p in train.PRESETS)
+    args = SimpleNamespace(**{f.name: None for f in dataclasses.fields(evaluate.EvalConfig)})
+    args.manip_scales, args.usage_pairs = "0,0.5,1", "8"
+    assert evaluate.parse_overrides(args) == dict(manip_scales=(0.0, 0.5, 1.0), usage_pairs=8)
