@@ -19,12 +19,7 @@ PAPER_ENDS = [2, 4, 6, 10, 18, 26, 35, 60, 85, 110, 135, 160, 185, 210, 235, 260
               370, 378, 386, 394, 402, 410, 418, 426, 434, 442, 450, 462] + list(range(463, 494)) + [512]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # the fixture lives in conftest.py
 
 
 def make_celeba(root, n=8):

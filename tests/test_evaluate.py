@@ -21,13 +21,7 @@ from diti import DiTi, uniform_partition
 from unet import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these small models: on a busy 2-core machine a second thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # the fixture lives in conftest.py
 
 
 # ----------------------------------------------------------------------------- usage: a decoder that reads subset j
