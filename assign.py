@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import train
+from train import UserError
+
 ROOT = Path(__file__).resolve().parent
 SKIP_DIRS = {".git", "runs", "__pycache__", ".pytest_cache", ".diti_cache", ".benchmarks", ".venv", "venv"}
-
-
-class UserError(Exception):
-    """A problem with the command; shown as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,11 +211,15 @@ def main(argv=None):
     what.add_argument("--list", action="store_true", help="the blankable functions of each assignment")
     what.add_argument("--blank", nargs="+", metavar="NAME", help="module.function or module.Class.method")
     what.add_argument("--assignment", nargs="+", type=int, metavar="N", help="blank every function of these")
-    what.add_argument("--check", type=int, metavar="N", help="run assignment N's experiment, print its figure")
+    what.add_argument("--check", type=int, metavar="N",
+                      help="run assignment N's experiment, print its figure (0: train the DDPM 4, 6, 7 share)")
     p.add_argument("--out", help="the folder for the copy (new or empty)")
     p.add_argument("--seed", type=int, default=0, help="--check: the seed of the experiment")
     p.add_argument("--fresh", action="store_true", help="--check: retrain the models it would reuse")
-    p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}: see python assign.py --help"))
+
+    def one_line_error(message):                     # argparse would print its usage, then exit 2 itself
+        raise UserError(f"{message}: see python assign.py --help")
+    p.error = one_line_error
     a = p.parse_args(argv)
     assignments = read_assignments()
     if a.list:
@@ -229,12 +232,7 @@ def main(argv=None):
             raise UserError(f"no check for assignment {a.check}: choose one of {', '.join(map(str, CHECKS))}")
         torch.set_num_threads(1)          # reproducible numbers, and the fastest on a busy 2-core machine
         start, cpu = time.time(), time.process_time()
-        try:
-            CHECKS[a.check](a.seed, a.fresh)
-        except Exception as e:                         # train.py's and data.py's one-line errors stay one line
-            if type(e).__name__ in ("UserError", "DataError"):
-                raise UserError(str(e)) from None
-            raise
+        CHECKS[a.check](a.seed, a.fresh)
         print(f"[assignment {a.check}, seed {a.seed}: {time.time() - start:.0f} s, "
               f"{time.process_time() - cpu:.0f} s CPU]")
         return
@@ -253,12 +251,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """main() as a command: a bad name or folder is one line on stderr and exit code 2 (train.py's handling)."""
+    return train.cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,12 @@ def trained_diti(seed, mode="base", retrain=False, steps=ASSIGN_DITI["steps"]):
     return train.load_diti(trained("diti", f"diti_{mode}_{steps}_s{seed}", fields, retrain))
 
 
+def check_setup(seed, fresh):
+    """0: the frozen DDPM that assignments 4, 6 and 7 share, trained once (the first of them would train it)."""
+    path = trained("dm", "dm", ASSIGN_DM)
+    print(f"the shared frozen DDPM: {path}; its samples: {Path(path).parent / 'samples.png'}")
+
+
 def built_in_data(ck):
     """The built-in data a stage-2 checkpoint was trained on (its DDPM's size, seed and number of images)."""
     cfg = ck["dm_config"]
@@ -254,5 +260,5 @@ def check_few_shot(seed, fresh, shots=(5, 10, 20, 50), runs=10):
               + "  ".join(f"{full[n][0]:>8.3f} / {early[n][0]:.3f}" for n in shots))
 
 
-CHECKS = {1: check_schedule, 2: check_attribute_loss, 3: check_masks, 4: check_loss, 5: check_partitions,
-          6: check_counterfactual, 7: check_few_shot}
+CHECKS = {0: check_setup, 1: check_schedule, 2: check_attribute_loss, 3: check_masks, 4: check_loss,
+          5: check_partitions, 6: check_counterfactual, 7: check_few_shot}
