@@ -98,11 +98,13 @@ def check_partitions(seed, fresh):
 
 
 # ---- the trained assignments (4, 6, 7): one small frozen DDPM, then DiTi models on it ----------------------
-# 16 px images (the built-in factors keep their loss times at any size): 3-4 times faster than 32 px.
+# 16 px images (the factors keep their order of loss times; a step costs about a seventh of one at 32 px), sized
+# so that each command takes at most 5 minutes of one core of a 2-core laptop.
 ASSIGN_DM = dict(image_size=16, base_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(), batch_size=32,
-                 lr=1e-3, steps=2000, ema_decay=0.99, precision="fp32", sample_steps=10, ckpt_every=2000)
-ASSIGN_DITI = dict(k=8, z_dim=32, batch_size=32, lr=1e-3, steps=2000, ema_decay=0.99, precision="fp32",
-                   ckpt_every=2000)
+                 lr=1e-3, steps=1500, ema_decay=0.99, precision="fp32", sample_steps=10, ckpt_every=1500)
+ASSIGN_DITI = dict(k=8, z_dim=32, batch_size=32, lr=1e-3, steps=1000, ema_decay=0.99, precision="fp32",
+                   ckpt_every=1000)
+LOSS_CHECK_STEPS = 500           # assignment 4 trains both modes from scratch each time
 
 
 def trained(stage, name, fields, retrain=False):
@@ -170,7 +172,7 @@ def check_loss(seed, fresh):
                                           for t, row in zip(ts.tolist(), (z.grad != 0).tolist())))
     rows = {}
     for mode in ("base", "stop_grad"):
-        model, unet, ck = trained_diti(seed, mode, retrain=True, steps=1000)
+        model, unet, ck = trained_diti(seed, mode, retrain=True, steps=LOSS_CHECK_STEPS)
         ds = built_in_data(ck)
         rows[mode] = (np.mean([r["loss"] for r in ck["log"][-50:]]), held_out_gain(model, unet, ds, mode, seed),
                       full_z_probe(model, ds))
@@ -247,7 +249,7 @@ def check_few_shot(seed, fresh, shots=(5, 10, 20, 50), runs=10):
     factor's loss time t_f (the intervention: only subsets up to idx(t_f)), mean over `runs` draws."""
     model, _, ck = trained_diti(seed, "base", fresh)
     ds, part = built_in_data(ck), model.partition
-    _, loss_times = synthetic.attribute_loss_curves(synthetic.Synthetic(), n_pairs=256, seed=0)
+    _, loss_times = synthetic.attribute_loss_curves(synthetic.Synthetic(ck["dm_config"]["image_size"]), seed=0)
     z_train, z_test = encode(model, ds["train"].images[:5000]), encode(model, ds["test"].images[:2000])
     y_train, y_test = ds["train"].labels[:5000], ds["test"].labels[:2000]
     print(f"{'factor':<12} {'t_f':>4} {'dims':>5}  " + "  ".join(f"{n:>2}-shot full / t_f" for n in shots))

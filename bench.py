@@ -275,7 +275,8 @@ def worker(spec):
                 seconds, peak = timed_call(job["step"], device)
                 job["times_s"].append(seconds)
                 job["peak"].append(peak)
-        log(f"round {round_ + 1} done")
+        log(f"round {round_ + 1}: " + ", ".join(f"{j['key'].split('|')[1]} {j['key'].split('|')[0]} "
+                                                 f"{j['times_s'][-1]:.2f} s" for j in jobs if round_ < j["iters"]))
     for job in jobs:
         median = statistics.median(job["times_s"])
         peaks = [p for p in job["peak"] if p is not None]
@@ -358,7 +359,7 @@ def table(rows):
         first = r["warmup_s"][0] if r["warmup_s"] else None
         note = f"compile ~{first - r['median_s']:.0f} s" if r["compile"] and first else ""
         out.append(f"{r['preset']:<9} {r['label']:<16} {r['batch']:>5} {name:<19} {r['img_s']:>8.2f} "
-                   f"{1000 * r['median_s']:>9.0f} {vs:>7} {peak:>8} {first if first else float('nan'):>7.1f}  {note}")
+                   f"{1000 * r['median_s']:>9.0f} {vs:>7} {peak:>8} {f'{first:.1f}' if first else '-':>7}  {note}")
     return "\n".join(out)
 
 

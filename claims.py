@@ -79,6 +79,15 @@ def save_json(path, obj):
     os.replace(tmp, path)
 
 
+def merge_from_disk(path, claims):
+    """Take in the runs another claims.py (say, one per seed, side by side) has written since we read the file."""
+    if os.path.isfile(path):
+        disk = json.load(open(path))
+        claims["runs"] = {**disk.get("runs", {}), **claims["runs"]}
+        for key in ("seeds", "rows", "commands"):
+            claims[key] = list(dict.fromkeys(list(disk.get(key, [])) + list(claims.get(key, []))))
+
+
 def shared_classifier(seed_dir, eval_cfg, dm_cfg):
     """One factor classifier per seed (trained on real images), copied into each run's eval folder."""
     splits = data.load_synthetic(dm_cfg.image_size, dm_cfg.seed, n_train=dm_cfg.n_train)
@@ -119,6 +128,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         claims["runs"][f"seed{seed}/{row}"] = dict(summarise(result["methods"][row], names), seed=seed, row=row,
                                                    steps=cfg.steps, batch_size=cfg.batch_size,
                                                    dm_steps=dm_cfg.steps, seconds=time.time() - t0)
+        merge_from_disk(path, claims)
         save_json(path, claims)
         write_markdown(claims, os.path.join(out, "claims.md"))
     return claims
@@ -184,11 +194,25 @@ def answer(claims, table):
            "'learned' column for which factors each Spearman covers."
 
 
+def scope(claims, table):
+    """One computed paragraph: which rows and seeds of the grid this table holds, at which budget."""
+    dm, _, _ = train.make_config("dm", ["--preset", claims["preset"]])
+    runs = list(claims["runs"].values())
+    seeds = sorted({r["seed"] for r in runs})
+    budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})
+    missing = [row for row in grid_rows() if row not in table]
+    return (f"**Scope.** {len(table)} of the {len(grid_rows())} grid rows, {len(runs)} runs over seeds "
+            f"{', '.join(map(str, seeds)) or 'none'}; {dm.image_size}-px built-in data; budgets (DDPM steps x "
+            f"{dm.batch_size}, stage-2 steps x batch): "
+            + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
+            + (f". Not run: {', '.join(missing)}." if missing else "."))
+
+
 def write_markdown(claims, path):
     table = aggregate(claims)
     names = list(claims.get("loss_times", {}))
     lines = [f"# Does DiTi order attributes by granularity? (preset `{claims['preset']}`, eval "
-             f"`{claims['eval_preset']}`)", "",
+             f"`{claims['eval_preset']}`)", "", scope(claims, table), "",
              "Regenerate (each command resumes; together they give this table):", "",
              *[f"    python claims.py {c}" for c in claims.get("commands", [])], "",
              "Loss times t_f: " + ", ".join(f"{n} {t}" for n, t in claims.get("loss_times", {}).items()), "",

@@ -1,9 +1,13 @@
 """report.json and report.md from the dict evaluate.py builds: every number keyed by method, and a page a
 person reads, with the preset and budget beside every figure and a plain sentence, computed from the
-numbers, saying whether the paper's ordering (a factor's home rises with its loss time t_f) appears."""
+numbers, saying whether the paper's ordering (a factor's home rises with its loss time t_f) appears.
+
+    python report.py runs/quick          # write report.md again from report.json (after editing this file)
+"""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -135,11 +139,19 @@ def ordering_sentences(result):
     for name, m in result["methods"].items():
         for factor, fs in (get(m, "few_shot", "factors") or {}).items():
             n = max(fs["full"], key=int)
-            full, early = fs["full"][n][0], fs["early"][n][0]
-            verdict = "beat" if early > full else "did not beat"
+            (full, sd_full), (early, sd_early) = fs["full"][n][:2], fs["early"][n][:2]
             out.append(f"- Few-shot ({name}, {factor}, {n}-shot): early units {100 * early:.1f} "
-                       f"{verdict} full z {100 * full:.1f} (paper: early subsets win by 2-5 points on fine factors).")
+                       f"{few_shot_verdict(full, sd_full, early, sd_early, cfg['few_shot_runs'])} full z "
+                       f"{100 * full:.1f} (paper: early subsets win by 2-5 points on fine factors).")
     return "\n".join(out)
+
+
+def few_shot_verdict(full, sd_full, early, sd_early, runs):
+    """'beat' / 'fell behind' only when the means differ by more than two standard errors over the draws."""
+    se = ((sd_full ** 2 + sd_early ** 2) / max(runs, 1)) ** 0.5
+    if abs(early - full) <= 2 * se:
+        return "matched (within 2 standard errors)"
+    return "beat" if early > full else "fell behind"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,3 +271,19 @@ def timing_section(result):
         out += [f"Factor classifier training: {result['classifier']['train_seconds']:.1f} s (cached afterwards).", ""]
     out += [f"Total evaluation: {num(get(result, 'timings', 'total'), 1)} s.", ""]
     return out
+
+
+def main(argv=None):
+    """Re-render <run dir>/report.md from its report.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "report.json")):
+        print("error: give a run folder holding report.json, e.g. python report.py runs/quick", file=sys.stderr)
+        sys.exit(2)
+    path = os.path.join(argv[0], "report.md")
+    with open(path, "w") as f:
+        f.write(markdown(json.load(open(os.path.join(argv[0], "report.json")))))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ OBJECT_LEVEL = 0.45          # grey level of the object before its hue offset
 STRIPE_ROW = 30.0            # a 1-px horizontal line at this row, below every object
 CORNER_BOX = 3.0             # the corner mark is the top-left CORNER_BOX x CORNER_BOX square
 RING_WIDTH = 1.0             # the outline is a ring this wide just outside the object
+RENDER_VERSION = 2           # bump when the rendering changes, so caches are rebuilt
 SUPERSAMPLE = 2              # anti-aliasing: coverage is the mean over SUPERSAMPLE^2 sub-pixels
 
 # Contrast of each non-geometric factor at 32 px, tuned so the fine ones (corner mark, texture) are lost just
@@ -77,7 +78,9 @@ class Synthetic:
         sub = (np.arange(size * SUPERSAMPLE) + 0.5) / (SUPERSAMPLE * self.unit)  # sub-pixel centres, 32-px units
         self._sub_y, self._sub_x = sub[:, None], sub[None, :]
         pix = (np.arange(size) + 0.5) / self.unit
-        self._stripe = (pix >= STRIPE_ROW) & (pix < STRIPE_ROW + 1)                     # (S,) rows
+        self._stripe = ((pix >= STRIPE_ROW) & (pix < STRIPE_ROW + 1)).astype(np.float64)  # (S,) row weights
+        if not self._stripe.any():      # below 32 px no row centre falls in the line: its row, dimmed so
+            self._stripe[int(STRIPE_ROW * self.unit)] = math.sqrt(self.unit)   # that ||x0 - x0'|| is kept
         self._corner = (pix[:, None] < CORNER_BOX) & (pix[None, :] < CORNER_BOX)      # (S, S)
         self._checker = np.where((np.arange(size)[:, None] + np.arange(size)) % 2 == 0, 1.0, -1.0)
         angles = 2 * np.pi * np.arange(NUM_HUES) / NUM_HUES
@@ -85,7 +88,7 @@ class Synthetic:
 
     def fingerprint(self):
         """A short hash of every rendering constant, so caches follow any change of them."""
-        consts = (FACTORS, BACKGROUNDS, X_CENTRES, Y_CENTRES, HALF_SIZES, OBJECT_LEVEL, STRIPE_ROW, CORNER_BOX,
+        consts = (RENDER_VERSION, FACTORS, BACKGROUNDS, X_CENTRES, Y_CENTRES, HALF_SIZES, OBJECT_LEVEL, STRIPE_ROW, CORNER_BOX,
                   RING_WIDTH, SUPERSAMPLE, sorted(self.amp.items()))
         return hashlib.sha1(repr(consts).encode()).hexdigest()[:10]
 
@@ -156,7 +159,7 @@ class Synthetic:
             return self.coverage(labels, RING_WIDTH) - self.coverage(labels) > 0
         if name == "background":
             return self.coverage(labels) < 1
-        region = self._corner if name == "corner_mark" else np.broadcast_to(self._stripe[:, None], self._corner.shape)
+        region = self._corner if name == "corner_mark" else np.broadcast_to(self._stripe[:, None] > 0, self._corner.shape)
         return np.broadcast_to(region, (len(labels), self.size, self.size))
 
     def changed_pairs(self, factor, n, rng):

@@ -111,16 +111,22 @@ class DisDiffConfig:
 
 
 PRESETS = {
-    # 32 px, sized for a 2-core CPU: the whole main job (DDPM, three DiTi/PDAE runs, DisDiff, evaluation) in
-    # about 20 minutes. It shows the pipeline and what such a budget learns; the claim is tested at `claims`.
-    "quick": dict(dm=dict(steps=900, lr=5e-4, ckpt_every=300),
-                  diti=dict(steps=300, lr=3e-4, ckpt_every=100),
+    # 16 px, sized for a 2-core CPU: the whole main job (DDPM, three DiTi/PDAE runs, DisDiff, evaluation) in
+    # about 20 minutes. A 16-px step of this U-Net costs about a seventh of a 32-px step of the default one; the
+    # fine factors stay the first lost (synthetic.py). It shows the pipeline and what such a budget learns; the
+    # claim is tested at `claims`.
+    "quick": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
+                          steps=2000, ema_decay=0.99, ckpt_every=500, sample_steps=20),
+                  diti=dict(batch_size=32, lr=1e-3, steps=600, ema_decay=0.99, ckpt_every=200),
                   # a DisDiff step runs the decoder on B * (N + 1) rows: a smaller batch keeps its cost near DiTi's
-                  disdiff=dict(steps=300, warmup=30, batch_size=16, ckpt_every=100)),
-    # The budget for the claim (issue 12; claims.py): a longer DDPM and stage 2 on the built-in data.
-    "claims": dict(dm=dict(steps=3000, lr=5e-4, ckpt_every=500),
-                   diti=dict(steps=1500, lr=3e-4, ckpt_every=250),
-                   disdiff=dict(steps=1500, warmup=100, ckpt_every=250)),
+                  disdiff=dict(batch_size=8, lr=1e-3, steps=600, warmup=60, ema_decay=0.99, ckpt_every=200)),
+    # The budget for the claim (issue 12; claims.py): the quick U-Net at 16 px, a DDPM and a stage 2 several times
+    # longer (SPEC §7.1 saw five of seven factors learned at 2000 DDPM + 4000 stage-2 steps). Sized so that the
+    # two rows that matter most, for two seeds, run in about an hour and a half on one core here.
+    "claims": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
+                           steps=4000, ema_decay=0.995, ckpt_every=500, sample_steps=20),
+                   diti=dict(batch_size=32, lr=1e-3, steps=4000, ema_decay=0.995, ckpt_every=500),
+                   disdiff=dict(batch_size=8, lr=1e-3, steps=4000, warmup=200, ema_decay=0.995, ckpt_every=500)),
     # A few seconds each: what the tests and the smoke run use.
     "tiny": dict(dm=dict(n_train=512, base_channels=16, channel_mult=(1, 2), attn_resolutions=(), batch_size=16,
                          steps=30, ckpt_every=10, sample_steps=5),
@@ -236,8 +242,8 @@ def cpu_has_native_bf16():
 
 def resolve_precision(device, precision):
     """'fp32' or 'bf16'. 'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32 (MPS too). Measured
-    with bench.py on a 2-core AVX-512 CPU without bf16 instructions: bf16 autocast ran every op at ~0.3x the
-    fp32 speed (quick and celeba64), so such CPUs train in fp32."""
+    with bench.py on CPUs without bf16 instructions: bf16 autocast ran every op at ~0.3x the fp32 speed on an
+    AVX-512 one and at 0.07-0.16x on an AVX2 one (quick preset), so such CPUs train in fp32."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"unknown precision '{precision}': choose auto, fp32 or bf16")
     if precision != "auto":

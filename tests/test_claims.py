@@ -38,9 +38,20 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     assert set(run["probe"]) == set(result["loss_times"])
     md = open(os.path.join(out, "claims.md")).read()
     assert "| stop_grad-fitted-k4 |" in md and "**Answer.**" in md
+    assert "**Scope.** 1 of the 9 grid rows, 1 runs over seeds 0;" in md and "Not run: base-uniform-k4" in md
     ckpt = os.path.join(out, "seed0", "stop_grad-fitted-k4", "ckpt.pt")
     mtime = os.path.getmtime(ckpt)
     capsys.readouterr()
     claims.main(args)                                            # resume: nothing left to do
     assert "0 runs to go" in capsys.readouterr().out
     assert os.path.getmtime(ckpt) == mtime
+
+
+def test_runs_written_by_another_process_are_kept(tmp_path):
+    """Two claims.py side by side (one per seed) each read claims.json at start: neither may drop the other's runs."""
+    path = str(tmp_path / "claims.json")
+    claims.save_json(path, dict(runs={"seed1/pdae": {"row": "pdae"}}, seeds=[1], rows=["pdae"], commands=["b"]))
+    mine = dict(runs={"seed0/pdae": {"row": "pdae"}}, seeds=[0], rows=["pdae"], commands=["a"])
+    claims.merge_from_disk(path, mine)
+    assert set(mine["runs"]) == {"seed0/pdae", "seed1/pdae"} and mine["seeds"] == [1, 0]
+    assert mine["commands"] == ["b", "a"]

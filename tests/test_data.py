@@ -11,6 +11,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import diffusion  # noqa: E402
+import synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,21 @@ def test_loss_times_span_the_schedule(gen):
     assert ((loss_times >= 150) & (loss_times < 400)).sum() >= 2
     assert (loss_times >= 400).sum() >= 2
     assert np.diff(np.sort(loss_times)).min() >= 40                       # spread, no ties
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_every_factor_is_visible_at_other_sizes_with_its_fine_ones_fine(size):
+    """At 16 px no row centre falls in the 1-px stripe of the 32-px design: it must still be drawn, with the
+    pixel distance it has at 32 px, and the fine factors must stay the first ones lost."""
+    names = data.Synthetic(size=32).factor_names
+    dist32 = synthetic.factor_distances(data.Synthetic(size=32), n_pairs=64)
+    dist = synthetic.factor_distances(data.Synthetic(size=size), n_pairs=64)
+    _, loss_times = synthetic.loss_curves(dist)
+    assert (np.median(dist, axis=1) > 0.2).all()                          # no factor vanishes
+    stripe = names.index("stripe")
+    assert np.median(dist[stripe]) == pytest.approx(np.median(dist32[stripe]), rel=0.1)
+    fine = [names.index("corner_mark"), names.index("texture")]
+    assert sorted(np.argsort(loss_times)[:2]) == sorted(fine) and loss_times[fine].max() < 150
 
 
 def test_factor_table_and_plot(gen, tmp_path):

@@ -15,6 +15,7 @@ import data
 import diffusion
 import editing
 import evaluate
+import report
 import run
 import train
 from diti import DiTi, uniform_partition
@@ -109,6 +110,14 @@ def test_map_homes_follow_loss_times_over_learned_factors(known_homes_data, tmp_
         assert view["ordering"]["learned"]["factors"] == ["a", "b", "c", "d"]
         assert view["ordering"]["learned"]["spread"][0] < 0.3 and view["ordering"]["learned"]["spread"][1] > 2.7
         assert os.path.isfile(view["png"])
+
+
+def test_few_shot_verdict_calls_a_difference_only_beyond_two_standard_errors():
+    # sd 0.01 over 10 draws each: se = sqrt(2e-4 / 10) = 0.00447, so the bar is 0.0089
+    assert report.few_shot_verdict(0.500, 0.01, 0.505, 0.01, 10).startswith("matched")
+    assert report.few_shot_verdict(0.500, 0.01, 0.491, 0.01, 10) == "fell behind"
+    assert report.few_shot_verdict(0.500, 0.01, 0.510, 0.01, 10) == "beat"
+    assert report.few_shot_verdict(0.500, 0.0, 0.501, 0.0, 10) == "beat"
 
 
 def test_ordering_needs_three_factors_and_reports_what_it_covers():
