@@ -205,7 +205,9 @@ def scope(claims, table):
             f"{', '.join(map(str, seeds)) or 'none'}; {dm.image_size}-px built-in data; budgets (DDPM steps x "
             f"{dm.batch_size}, stage-2 steps x batch): "
             + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
-            + (f". Not run: {', '.join(missing)}." if missing else "."))
+            + (f". Not run: {', '.join(missing)}." if missing else ".")
+            + "".join(f" Beyond the paper: --{k.replace('_', '-')} {v}." for k, v in
+                      claims.get("overrides", {}).get("diti_fields", {}).items() if k != "steps"))
 
 
 def write_markdown(claims, path):
@@ -250,6 +252,8 @@ def main(argv=None):
     p.add_argument("--rows", default="all", help="comma-separated row ids, or all")
     p.add_argument("--dm-steps", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps")
+    p.add_argument("--encoder-grid", type=int, default=None,
+                   help="beyond the paper: keep E's last feature map at least this wide (train.py diti --encoder-grid)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -258,7 +262,8 @@ def main(argv=None):
     for row in rows:
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
     overrides = dict(dm=["--steps", str(a.dm_steps)] if a.dm_steps else [],
-                     diti_fields=dict(steps=a.steps) if a.steps else {})
+                     diti_fields={**(dict(steps=a.steps) if a.steps else {}),
+                                  **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {})})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

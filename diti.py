@@ -152,19 +152,24 @@ def condition(z, t, partition, mode="base"):
 class Encoder(nn.Module):
     """SPEC §3 encoder E: x_0 -> z in R^d. For 64x64 (1.49M params at d = 512): conv s2 3->64, GN, SiLU,
     conv s2 64->128, attention (4 heads), GN, SiLU, conv s2 128->128, GN, SiLU, conv s2 128->128, GN, SiLU,
-    flatten, Linear(2048 -> d). Other sizes keep the layers; the flatten width is 128 * (size / 16)^2."""
+    flatten, Linear(2048 -> d). Other sizes keep the layers; the flatten width is 128 * (size / 16)^2, so at
+    16 px the map is 1x1 before the Linear. min_grid > 1 (beyond the paper, off by default) keeps it at least
+    min_grid x min_grid: a conv that would halve it below that has stride 1."""
 
-    def __init__(self, image_size=64, z_dim=512, in_channels=3):
+    def __init__(self, image_size=64, z_dim=512, in_channels=3, min_grid=1):
         super().__init__()
         if image_size % 16:
             raise ValueError(f"the encoder needs an image size divisible by 16, got {image_size}")
-        conv = lambda i, o: nn.Conv2d(i, o, 3, stride=2, padding=1)
+        sizes = [image_size]
+        for _ in range(4):
+            sizes.append(sizes[-1] // 2 if sizes[-1] // 2 >= min_grid else sizes[-1])
+        conv = lambda i, o, n: nn.Conv2d(i, o, 3, stride=sizes[n] // sizes[n + 1], padding=1)  # noqa: E731
         self.net = nn.Sequential(
-            conv(in_channels, 64), group_norm(64), nn.SiLU(),
-            conv(64, 128), Attention(128, num_heads=4), group_norm(128), nn.SiLU(),
-            conv(128, 128), group_norm(128), nn.SiLU(),
-            conv(128, 128), group_norm(128), nn.SiLU(),
-            nn.Flatten(), nn.Linear(128 * (image_size // 16) ** 2, z_dim))
+            conv(in_channels, 64, 0), group_norm(64), nn.SiLU(),
+            conv(64, 128, 1), Attention(128, num_heads=4), group_norm(128), nn.SiLU(),
+            conv(128, 128, 2), group_norm(128), nn.SiLU(),
+            conv(128, 128, 3), group_norm(128), nn.SiLU(),
+            nn.Flatten(), nn.Linear(128 * sizes[-1] ** 2, z_dim))
 
     def forward(self, x):
         return self.net(x)  # (B, d)
@@ -174,10 +179,10 @@ class DiTi(nn.Module):
     """The trainable parts, E and G, and the partition they are trained for. The frozen U-Net is not a
     member: it is passed to the loss so that checkpoints of this module hold only what stage 2 learns."""
 
-    def __init__(self, unet_cfg, partition, encoder_size=None):
+    def __init__(self, unet_cfg, partition, encoder_size=None, encoder_grid=1):
         super().__init__()
         self.partition = partition
-        self.encoder = Encoder(encoder_size or unet_cfg.image_size, partition.d, unet_cfg.in_channels)
+        self.encoder = Encoder(encoder_size or unet_cfg.image_size, partition.d, unet_cfg.in_channels, encoder_grid)
         self.decoder = ShiftDecoder(unet_cfg, partition.d)
 
     def encode(self, x0):

@@ -75,6 +75,7 @@ class DiTiConfig:
     stages: tuple = (50, 100, 300, 500, 1000)
     stage_dims: tuple = (10, 25, 327, 100, 50)
     mode: str = "base"                 # base | stop_grad
+    encoder_grid: int = 1              # beyond the paper (1 = off): E's last map at least this wide (diti.Encoder)
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -344,13 +345,13 @@ def build_diti(dm_ckpt, cfg):
     carries its partition's end dims, which are used as they are (a fitted partition is not refitted)."""
     unet_cfg = build_unet(dm_ckpt).cfg
     if "partition" in dm_ckpt:
-        return DiTi(unet_cfg, Partition(tuple(dm_ckpt["partition"])))
+        return DiTi(unet_cfg, Partition(tuple(dm_ckpt["partition"])), encoder_grid=cfg.encoder_grid)
     try:
         part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims,
                               tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
     except ValueError as e:
         raise UserError(str(e))
-    return DiTi(unet_cfg, part)
+    return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid)
 
 
 def tv_curves_for(dm_config):

@@ -92,6 +92,16 @@ def test_encoder_of_spec_has_about_1_49M_parameters():
     assert Encoder(32, 64)(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
+def test_encoder_grid_keeps_a_spatial_map_only_where_the_paper_would_collapse_it():
+    strides = lambda e: [m.stride[0] for m in e.net if isinstance(m, torch.nn.Conv2d)]   # noqa: E731
+    paper16, grid16 = Encoder(16, 8), Encoder(16, 8, min_grid=2)
+    assert strides(paper16) == [2, 2, 2, 2] and paper16.net[-1].in_features == 128          # 16 -> 1x1
+    assert strides(grid16) == [2, 2, 2, 1] and grid16.net[-1].in_features == 128 * 2 * 2    # stops at 2x2
+    assert grid16(torch.randn(3, 3, 16, 16)).shape == (3, 8)
+    same = Encoder(64, 512, min_grid=2)                                                       # 4x4 already
+    assert strides(same) == [2, 2, 2, 2] and sum(q.numel() for q in same.parameters()) == 1487104
+
+
 def tiny_setup(k=4, d=8):
     cfg = UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), attn_resolutions=())
     unet = UNet(cfg).eval().requires_grad_(False)

@@ -296,3 +296,11 @@ def test_two_processes_match_one_at_the_same_global_batch(env, dm_ckpt, diti_ckp
         a, b = weights(one, key), weights(tmp_path, key)
         assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
     assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"]) == 2
+
+
+def test_encoder_grid_option_is_saved_and_rebuilt_on_load(env, dm_ckpt, tmp_path):
+    """--encoder-grid (beyond the paper) travels in the checkpoint: load_diti rebuilds the same encoder."""
+    import train as train_module
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--encoder-grid", 2, "--out", tmp_path))
+    model, _, ckpt = train_module.load_diti(str(tmp_path / "ckpt.pt"))
+    assert ckpt["config"]["encoder_grid"] == 2 and model.encoder.net[-1].in_features == 128 * 2 * 2
