@@ -98,8 +98,8 @@ def check_partitions(seed, fresh):
 
 
 # ---- the trained assignments (4, 6, 7): one small frozen DDPM, then DiTi models on it ----------------------
-# 16 px images (the factors keep their order of loss times; a step costs about a seventh of one at 32 px), sized
-# so that each command takes at most 5 minutes of one core of a 2-core laptop.
+# 16 px images (corner mark and texture stay the first factors lost; per image this U-Net costs about a seventh
+# of the default one at 32 px), sized so that each command takes at most 5 minutes of one core.
 ASSIGN_DM = dict(image_size=16, base_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(), batch_size=32,
                  lr=1e-3, steps=1500, ema_decay=0.99, precision="fp32", sample_steps=10, ckpt_every=1500)
 ASSIGN_DITI = dict(k=8, z_dim=32, batch_size=32, lr=1e-3, steps=1000, ema_decay=0.99, precision="fp32",

@@ -79,13 +79,18 @@ def save_json(path, obj):
     os.replace(tmp, path)
 
 
+def union(old, new):
+    """The items of both lists, in order, each once (a later call may add rows, seeds, commands)."""
+    return list(dict.fromkeys(list(old) + list(new)))
+
+
 def merge_from_disk(path, claims):
     """Take in the runs another claims.py (say, one per seed, side by side) has written since we read the file."""
     if os.path.isfile(path):
         disk = json.load(open(path))
         claims["runs"] = {**disk.get("runs", {}), **claims["runs"]}
         for key in ("seeds", "rows", "commands"):
-            claims[key] = list(dict.fromkeys(list(disk.get(key, [])) + list(claims.get(key, []))))
+            claims[key] = union(disk.get(key, []), claims.get(key, []))
 
 
 def shared_classifier(seed_dir, eval_cfg, dm_cfg):
@@ -101,7 +106,6 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
     """Train and evaluate every (seed, row) not yet in claims.json; returns the claims dict."""
     path = os.path.join(out, "claims.json")
     claims = json.load(open(path)) if os.path.isfile(path) else dict(runs={})
-    union = lambda old, new: list(dict.fromkeys(list(old) + list(new)))     # a later call may add rows/seeds
     claims.update(preset=preset, eval_preset=eval_preset, seeds=union(claims.get("seeds", []), seeds),
                   rows=union(claims.get("rows", []), rows), overrides=overrides,
                   commands=union(claims.get("commands", []), [command] if command else []))
