@@ -48,7 +48,11 @@ def row_config(row, preset, seed, out):
 
 def finished(cfg, kind):
     path = os.path.join(cfg.out, "ckpt.pt")
-    return os.path.isfile(path) and train.load_checkpoint(path, kind)["step"] >= cfg.steps
+    if not os.path.isfile(path):
+        return False
+    ck = train.load_checkpoint(path, kind)
+    train.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused
+    return ck["step"] >= cfg.steps
 
 
 def train_stage(fn, cfg, kind):
@@ -95,7 +99,7 @@ def merge_from_disk(path, claims):
 
 def shared_classifier(seed_dir, eval_cfg, dm_cfg):
     """One factor classifier per seed (trained on real images), copied into each run's eval folder."""
-    splits = data.load_synthetic(dm_cfg.image_size, dm_cfg.seed, n_train=dm_cfg.n_train)
+    splits = data.load_synthetic(dm_cfg.image_size, dm_cfg.seed, **train.synthetic_options(dataclasses.asdict(dm_cfg)))
     path = os.path.join(seed_dir, "factor_classifier.pt")
     editing.load_or_train_classifier(path, splits["train"], splits["test"], eval_cfg.classifier_steps,
                                      seed=eval_cfg.seed)
@@ -210,8 +214,17 @@ def scope(claims, table):
             f"{dm.batch_size}, stage-2 steps x batch): "
             + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
             + (f". Not run: {', '.join(missing)}." if missing else ".")
-            + "".join(f" Beyond the paper: --{k.replace('_', '-')} {v}." for k, v in
-                      claims.get("overrides", {}).get("diti_fields", {}).items() if k != "steps"))
+            + "".join(f" Beyond the paper: --{k.replace('_', '-')} {v}." for k, v in beyond_paper(claims)))
+
+
+def beyond_paper(claims):
+    """(option, value) of every option beyond the paper that this grid ran with."""
+    overrides = claims.get("overrides", {})
+    extra = [(k, v) for k, v in overrides.get("diti_fields", {}).items() if k != "steps"]
+    dm_flags = dict(zip(overrides.get("dm", [])[::2], overrides.get("dm", [])[1::2]))    # ["--steps", "4000", ...]
+    if "--fine-loss-time" in dm_flags:
+        extra.append(("fine_loss_time", dm_flags["--fine-loss-time"]))
+    return extra
 
 
 def write_markdown(claims, path):
@@ -258,6 +271,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps")
     p.add_argument("--encoder-grid", type=int, default=None,
                    help="beyond the paper: keep E's last feature map at least this wide (train.py diti --encoder-grid)")
+    p.add_argument("--fine-loss-time", type=int, default=None,
+                   help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -265,7 +280,8 @@ def main(argv=None):
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")
     for row in rows:
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
-    overrides = dict(dm=["--steps", str(a.dm_steps)] if a.dm_steps else [],
+    overrides = dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
+                     + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else []),
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),
                                   **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {})})
     os.makedirs(a.out, exist_ok=True)

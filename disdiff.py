@@ -257,8 +257,7 @@ def train_disdiff(cfg, resume=False):
         raise train.UserError("DisDiff needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = train.load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
-    dataset = train.load_train_split(dm_cfg["data"], dm_cfg["data_dir"], dm_cfg["image_size"], dm_cfg["seed"],
-                                     dm_cfg["n_train"], rank, world)
+    dataset = train.load_train_split(dm_cfg, rank, world)
     stream = train.make_stream(cfg, dataset, rank, world)
     sched = linear_schedule().to(device)
     model = build_disdiff(dm_ckpt, cfg).to(device)

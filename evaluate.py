@@ -174,8 +174,8 @@ def subset(dataset, n, rng):
 def load_eval_data(dm_config, cfg):
     """The run's dataset (from the DDPM config), subsampled to the eval sizes; loss times for synthetic data."""
     name, size = dm_config["data"], dm_config["image_size"]
-    kw = dict(n_train=dm_config["n_train"]) if name == "synthetic" else {}
-    splits = data.load_data(name, dm_config.get("data_dir") or None, size=size, seed=dm_config["seed"], **kw)
+    splits = data.load_data(name, dm_config.get("data_dir") or None, size=size, seed=dm_config["seed"],
+                            **train.synthetic_options(dm_config))
     if splits["train"].labels is None or "test" not in splits:
         raise train.UserError(f"evaluation needs labelled train and test splits; dataset '{name}' has none")
     rng = np.random.default_rng(cfg.seed)

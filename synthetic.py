@@ -51,6 +51,8 @@ FACTORS = [
     ("corner_mark", ["none", "mark"]),
 ]
 GEOMETRY = ("x_position", "y_position", "size", "shape")
+FINE = ("texture", "corner_mark")   # the factors lost before t = 150; what --fine-loss-time strengthens
+TV_HALF = 1.3489795003921634        # 2 Phi^-1(0.75): TV_t = 0.5 where sqrt(SNR_t) ||x0 - x0'|| equals this
 
 
 def shape_inside(shape, dx, dy, r):
@@ -69,7 +71,9 @@ def shape_inside(shape, dx, dy, r):
 class Synthetic:
     """Renders 32x32 (or size x size) RGB images from label vectors of the FACTORS above."""
 
-    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None):
+    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None, fine_loss_time=0):
+        """fine_loss_time > 0 (beyond the paper, off by default) raises the contrast of the FINE factors so
+        that each is lost at about that t instead (keep it below 150 so they stay fine; see strengthen_fine)."""
         self.size, self.seed, self.unit = size, seed, size / 32
         self.amp = {k: strength * v / self.unit for k, v in {**AMPLITUDES, **(amplitudes or {})}.items()}
         self.factor_names = [name for name, _ in FACTORS]
@@ -85,6 +89,20 @@ class Synthetic:
         self._checker = np.where((np.arange(size)[:, None] + np.arange(size)) % 2 == 0, 1.0, -1.0)
         angles = 2 * np.pi * np.arange(NUM_HUES) / NUM_HUES
         self._hues = np.stack([np.cos(angles - k * 2 * np.pi / 3) for k in range(3)], 1)  # (K, 3)
+        if fine_loss_time:
+            self.strengthen_fine(fine_loss_time)
+
+    def strengthen_fine(self, loss_time, n_pairs=255):
+        """Scale each FINE factor's contrast so that its median TV_t crosses 0.5 at t = loss_time: that needs
+        a median ||x0 - x0'|| of TV_HALF / sqrt(SNR_t) (SPEC §7), and ||x0 - x0'|| is linear in the contrast."""
+        if not 0 < loss_time < 1000:
+            raise ValueError(f"fine_loss_time must lie in (0, 1000), got {loss_time}")
+        target = TV_HALF / math.sqrt(float(diffusion.linear_schedule().snr[int(loss_time)]))
+        rng = np.random.default_rng([self.seed, 7])
+        for name in FINE:
+            a, b = self.changed_pairs(name, n_pairs, rng)
+            now = np.median(np.sqrt(((self.render_float(a) - self.render_float(b)) ** 2).reshape(n_pairs, -1).sum(1)))
+            self.amp[name] = float(self.amp[name] * target / now)
 
     def fingerprint(self):
         """A short hash of every rendering constant, so caches follow any change of them."""

@@ -47,6 +47,7 @@ class DMConfig:
     data_dir: str = ""
     image_size: int = 32
     n_train: int = 20000               # synthetic data only
+    fine_loss_time: int = 0            # synthetic, beyond the paper (0 = off): fine factors made stronger, lost at ~t
     base_channels: int = 32
     channel_mult: tuple = (1, 2, 2)
     num_res_blocks: int = 1
@@ -196,6 +197,9 @@ def check_config(cfg):
         raise UserError(f"unknown --precision '{cfg.precision}': choose auto, fp32 or bf16")
     if not 0 <= cfg.ema_decay <= 1:
         raise UserError(f"--ema-decay must lie in [0, 1], got {cfg.ema_decay}")
+    if not 0 <= getattr(cfg, "fine_loss_time", 0) < 1000:
+        raise UserError(f"--fine-loss-time must be 0 (off) or a time-step below 1000 (below 150 keeps the fine "
+                        f"factors fine), got {cfg.fine_loss_time}")
     if hasattr(cfg, "channel_mult"):
         levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
         if not cfg.channel_mult or cfg.image_size % levels:
@@ -358,7 +362,8 @@ def tv_curves_for(dm_config):
     """The exact TV_t curves of the built-in data's factors (for the fitted partition)."""
     if dm_config["data"] != "synthetic":
         raise UserError("--partition fitted needs the built-in data's known factors: use uniform, paper or staged")
-    return data.attribute_loss_curves(data.Synthetic(dm_config["image_size"], dm_config["seed"]))[0]
+    return data.attribute_loss_curves(data.Synthetic(dm_config["image_size"], dm_config["seed"],
+                                                     fine_loss_time=dm_config.get("fine_loss_time", 0)))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,6 +455,20 @@ def config_diff(old, new):
                      if norm(old.get(k)) != norm(new.get(k)))
 
 
+DATA_FIELDS = ("data", "data_dir", "image_size", "n_train", "fine_loss_time", "seed")
+
+
+def check_same_data(ck, cfg, ckpt_path):
+    """On resume or reuse of a DDPM: it must have been trained on the data these flags load."""
+    if ck["kind"] != "dm":
+        return
+    old = {k: ck["config"].get(k, 0 if k == "fine_loss_time" else None) for k in DATA_FIELDS}
+    diff = config_diff(old, {k: getattr(cfg, k) for k in DATA_FIELDS})
+    if diff:
+        raise UserError(f"{ckpt_path} was trained on other data ({diff}): pass the flags it was trained with, "
+                        f"or choose another --out")
+
+
 def check_same_model(ck, extra, ckpt_path):
     """On resume: the U-Net (for stage 2: the frozen DDPM's) and the partition must be those of the checkpoint."""
     if "unet" in ck and "unet" in extra and config_diff(ck["unet"], extra["unet"]):
@@ -478,6 +497,7 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
         ck = load_checkpoint(ckpt_path, kind=kind)
         check_same_model(ck, extra, ckpt_path)
+        check_same_data(ck, cfg, ckpt_path)
     elif resume and rank == 0:
         print(f"no checkpoint at {ckpt_path} yet: starting at step 0")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -572,12 +592,21 @@ def make_stream(cfg, dataset, rank, world):
     return stream.shard(rank, world) if world > 1 else stream
 
 
-def load_train_split(name, data_dir, size, seed, n_train, rank=0, world=1):
-    """The training images. Under torchrun rank 0 loads first (building any cache) while the others wait."""
+def synthetic_options(dm_config):
+    """The built-in data's options held in a DDPM config (a dict); {} for real data. Older checkpoints lack
+    fine_loss_time: they were trained on the default data."""
+    if dm_config["data"] != "synthetic":
+        return {}
+    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", 0))
+
+
+def load_train_split(dm_config, rank=0, world=1):
+    """The training images of a DDPM config (a dict). Under torchrun rank 0 loads first (building any cache)
+    while the others wait."""
     if rank > 0:
         dist.barrier()
-    kw = dict(n_train=n_train) if name == "synthetic" else {}
-    dataset = data.load_data(name, data_dir or None, size=size, seed=seed, **kw)["train"]
+    dataset = data.load_data(dm_config["data"], dm_config["data_dir"] or None, size=dm_config["image_size"],
+                             seed=dm_config["seed"], **synthetic_options(dm_config))["train"]
     if rank == 0 and world > 1:
         dist.barrier()
     return dataset
@@ -590,7 +619,7 @@ def train_dm(cfg, resume=False):
     device = pick_device(cfg.device)
     rank, world = dist_setup(cfg.device)
     seed_everything(cfg.seed + rank)
-    dataset = load_train_split(cfg.data, cfg.data_dir, cfg.image_size, cfg.seed, cfg.n_train, rank, world)
+    dataset = load_train_split(asdict(cfg), rank, world)
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
     unet_cfg = unet_config(cfg)
@@ -632,8 +661,7 @@ def train_diti(cfg, resume=False):
         raise UserError("stage 2 needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
-    dataset = load_train_split(dm_cfg["data"], dm_cfg["data_dir"], dm_cfg["image_size"], dm_cfg["seed"],
-                               dm_cfg["n_train"], rank, world)
+    dataset = load_train_split(dm_cfg, rank, world)
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
     model = build_diti(dm_ckpt, cfg).to(device)

@@ -299,3 +299,23 @@ def test_loss_curves_cross_one_half_where_the_closed_form_says():
     assert curves[1, 100] == pytest.approx(math.erf(math.sqrt(diffusion.linear_schedule().snr[100].item()) * 2
                                                     / (2 * math.sqrt(2))), abs=1e-6)
     assert data.loss_curves(np.zeros((1, 3)))[1].tolist() == [0]          # identical images: lost at once
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_fine_loss_time_makes_the_fine_factors_stronger_and_lost_where_asked(size):
+    """Beyond the paper (--fine-loss-time): the fine factors' contrast rises so each is lost at about the asked
+    t, still below 150; no other factor's loss time moves by more than one step."""
+    base, strong = data.Synthetic(size=size), data.Synthetic(size=size, fine_loss_time=140)
+    _, t_base = synthetic.attribute_loss_curves(base)
+    _, t_strong = synthetic.attribute_loss_curves(strong)
+    fine = [base.factor_names.index(name) for name in synthetic.FINE]
+    assert all(abs(int(t_strong[f]) - 140) <= 6 for f in fine), t_strong[fine]
+    assert (t_strong[fine] >= t_base[fine]).all() and t_strong[fine].max() < 150
+    others = [f for f in range(len(base.factor_names)) if f not in fine]
+    assert np.abs(t_strong[others] - t_base[others]).max() <= 1
+    snr_140 = float(diffusion.linear_schedule().snr[140])                 # closed form: median ||dx|| = 1.349 / sqrt(SNR)
+    dist = synthetic.factor_distances(strong, n_pairs=128)
+    assert np.median(dist[fine], axis=1) == pytest.approx([synthetic.TV_HALF / snr_140 ** 0.5] * 2, rel=0.05)
+    assert strong.fingerprint() != base.fingerprint()                     # its own cache file
+    with pytest.raises(ValueError, match="fine_loss_time"):
+        data.Synthetic(size=size, fine_loss_time=1000)

@@ -304,3 +304,16 @@ def test_encoder_grid_option_is_saved_and_rebuilt_on_load(env, dm_ckpt, tmp_path
     finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--encoder-grid", 2, "--out", tmp_path))
     model, _, ckpt = train_module.load_diti(str(tmp_path / "ckpt.pt"))
     assert ckpt["config"]["encoder_grid"] == 2 and model.encoder.net[-1].in_features == 128 * 2 * 2
+
+
+def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
+    """--fine-loss-time changes the data: a DDPM trained without it is not continued with it (nor reused by
+    claims.py), and a loss time out of range is refused before any work."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(dm_ckpt.read_bytes())
+    before = snapshot(out / "ckpt.pt")
+    result = train(env, "dm", *DM, "--fine-loss-time", 140, "--resume", "--out", out)
+    assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "fine_loss_time: 0 -> 140")
+    assert snapshot(out / "ckpt.pt") == before
+    assert_user_error(train(env, "dm", *DM, "--fine-loss-time", 1000), "--fine-loss-time must be 0 (off)")
