@@ -260,6 +260,34 @@ def write_markdown(claims, path):
     return path
 
 
+def compare(dirs, path, rows=None):
+    """One table over several claims folders (say, the same row at growing budgets): per run, its budget, the
+    options beyond the paper, the learned factors and the full-z probe per factor."""
+    runs, t_f = [], {}
+    for d in dirs:
+        claims = json.load(open(os.path.join(d, "claims.json")))
+        extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in beyond_paper(claims)) or "-"
+        strong_fine = any(k == "fine_loss_time" for k, _ in beyond_paper(claims))
+        t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})
+        times = claims["loss_times"]
+        runs += [(r["row"], r["dm_steps"], r["steps"], r["seed"], extra, d, r, sorted(times, key=lambda n: -times[n]))
+                 for r in claims["runs"].values() if rows is None or r["row"] in rows]
+    runs.sort(key=lambda x: x[:5])
+    names = max((x[-1] for x in runs), key=len, default=[])
+    lines = ["# The same rows at other budgets and options", "",
+             "Full-z probe per factor (chance = 0, perfect = 1); learned: >= 0.9. Factors by loss time t_f (in "
+             "brackets; with --fine-loss-time the fine ones are lost later), coarse first.", "",
+             "| row | DDPM steps | stage-2 steps | seed | beyond the paper | learned | "
+             + " | ".join(f"{n} ({t_f[n]})" for n in names) + " | folder |",
+             "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for row, dm_steps, steps, seed, extra, d, r, _ in runs:
+        probe = " | ".join(f"{r['probe'][n]:.2f}" if n in r["probe"] else "n/a" for n in names)
+        lines.append(f"| {row} | {dm_steps} | {steps} | {seed} | {extra} | {len(r['learned'])} | {probe} | {d} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines + [""]))
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the claims grid and write claims.json / claims.md.")
     p.add_argument("--out", default="runs/claims")
@@ -274,7 +302,17 @@ def main(argv=None):
     p.add_argument("--fine-loss-time", type=int, default=None,
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare", default=None,
+                   help="comma-separated claims folders: write one table of their runs to <out>/compare.md, train nothing")
     a = p.parse_args(argv)
+    if a.compare:
+        dirs = a.compare.split(",")
+        for d in dirs:
+            if not os.path.isfile(os.path.join(d, "claims.json")):
+                raise train.UserError(f"{d}/claims.json does not exist: run claims.py --out {d} first")
+        os.makedirs(a.out, exist_ok=True)
+        print(f"claims: {compare(dirs, os.path.join(a.out, 'compare.md'), None if a.rows == 'all' else a.rows.split(','))}")
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")

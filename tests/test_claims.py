@@ -45,6 +45,9 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     claims.main(args)                                            # resume: nothing left to do
     assert "0 runs to go" in capsys.readouterr().out
     assert os.path.getmtime(ckpt) == mtime
+    claims.main(["--compare", out, "--out", str(tmp_path / "cmp")])      # the runs of several folders in one table
+    table = open(tmp_path / "cmp" / "compare.md").read()
+    assert "| stop_grad-fitted-k4 | 30 | 30 | 0 | - |" in table and "corner_mark (" in table
 
 
 def test_runs_written_by_another_process_are_kept(tmp_path):
