@@ -263,9 +263,10 @@ def write_markdown(claims, path):
 def compare(dirs, path, rows=None):
     """One table over several claims folders (say, the same row at growing budgets): per run, its budget, the
     options beyond the paper, the learned factors and the full-z probe per factor."""
-    runs, t_f = [], {}
+    runs, t_f, commands = [], {}, []
     for d in dirs:
         claims = json.load(open(os.path.join(d, "claims.json")))
+        commands += [f"    python claims.py {c}" for c in claims.get("commands", [])]
         extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in beyond_paper(claims)) or "-"
         strong_fine = any(k == "fine_loss_time" for k, _ in beyond_paper(claims))
         t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})
@@ -283,6 +284,8 @@ def compare(dirs, path, rows=None):
     for row, dm_steps, steps, seed, extra, d, r, _ in runs:
         probe = " | ".join(f"{r['probe'][n]:.2f}" if n in r["probe"] else "n/a" for n in names)
         lines.append(f"| {row} | {dm_steps} | {steps} | {seed} | {extra} | {len(r['learned'])} | {probe} | {d} |")
+    lines += ["", "Regenerate (a longer run may start from a shorter one's checkpoint copied into its folder: "
+              "resume is exact):", "", *commands]
     with open(path, "w") as f:
         f.write("\n".join(lines + [""]))
     return path
