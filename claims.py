@@ -154,13 +154,14 @@ def mean_spread(values):
 
 
 def covered(runs, view):
-    """The factors every seed's Spearman covers in a view, and the homes' spread over seeds."""
-    sets = [set(r[view]["factors"]) for r in runs if view in r]
-    spreads = [r[view]["spread"] for r in runs if view in r and r[view]["spread"]]
-    common = sorted(set.intersection(*sets)) if sets else []
+    """The runs whose Spearman in a view exists (>= 3 learned factors with a home), the factors all of them
+    cover, and the spread (min, max) of those runs' homes."""
+    with_rho = [r for r in runs if view in r and r[view]["rho"] is not None and np.isfinite(r[view]["rho"])]
+    common = sorted(set.intersection(*[set(r[view]["factors"]) for r in with_rho])) if with_rho else []
+    spreads = [r[view]["spread"] for r in with_rho if r[view]["spread"]]
     lo = min(s[0] for s in spreads) if spreads else float("nan")
     hi = max(s[1] for s in spreads) if spreads else float("nan")
-    return common, lo, hi
+    return with_rho, common, lo, hi
 
 
 def aggregate(claims):
@@ -174,12 +175,12 @@ def aggregate(claims):
                      dci_d=mean_spread([r["dci_d"] for r in runs]), mse=mean_spread([r["mse"] for r in runs]),
                      probe={f: mean_spread([r["probe"][f] for r in runs]) for f in runs[0]["probe"]})
         for view in VIEWS:
-            rhos = [r[view]["rho"] for r in runs if view in r and r[view]["rho"] is not None]
-            rhos = [x for x in rhos if np.isfinite(x)]
-            factors, lo, hi = covered(runs, view)
-            entry[view] = dict(rho=mean_spread(rhos), rho_mean=float(np.nanmean(rhos)) if rhos else None,
-                               rho_all=mean_spread([r[view]["rho_all"] for r in runs if view in r]),
+            with_rho, factors, lo, hi = covered(runs, view)
+            rhos = [r[view]["rho"] for r in with_rho]
+            entry[view] = dict(rho=mean_spread(rhos), rho_mean=float(np.mean(rhos)) if rhos else None,
+                               rho_seeds=len(with_rho), rho_all=mean_spread([r[view]["rho_all"] for r in runs if view in r]),
                                n_factors=len(factors), factors=factors, homes=[lo, hi])
+        entry["learned"] = {r["seed"]: r["learned"] for r in sorted(runs, key=lambda r: r["seed"])}
         table[row] = entry
     return table
 
@@ -192,14 +193,14 @@ def answer(claims, table):
         for view in ("probe_map", "usage"):
             v = e.get(view, {})
             if row.startswith("stop_grad") and v.get("rho_mean") is not None and v["rho_mean"] >= 0.8 \
-                    and v["n_factors"] == n_factors:
+                    and v["n_factors"] == n_factors and v["rho_seeds"] == e["seeds"]:
                 hits.append(f"{row} ({view})")
     if hits:
         return "The home subset rises with the loss time over every factor (Spearman >= 0.8, stop_grad, mean " \
                f"over seeds) in: {', '.join(hits)}."
     return "In no stop_grad row does the home subset rise with the loss time over every factor, fine ones " \
-           "included (Spearman >= 0.8, mean over seeds), in the probe view or in the usage view: see the " \
-           "'learned' column for which factors each Spearman covers."
+           "included (Spearman >= 0.8, mean over seeds), in the probe view or in the usage view: see which " \
+           "factors each Spearman covers, and the learned factors per seed."
 
 
 def scope(claims, table):
@@ -235,12 +236,13 @@ def write_markdown(claims, path):
              "Regenerate (each command resumes; together they give this table):", "",
              *[f"    python claims.py {c}" for c in claims.get("commands", [])], "",
              "Loss times t_f: " + ", ".join(f"{n} {t}" for n, t in claims.get("loss_times", {}).items()), "",
-             "Spearman(home, t_f) over the learned factors (full-z probe >= 0.9), mean ± std over seeds; "
-             "[n factors covered; homes min-max].", "",
+             "Spearman(home, t_f) over the learned factors (full-z probe >= 0.9), mean ± std over the seeds where it "
+             "exists (>= 3 learned factors; 'k of n seeds' when not all): [n factors covered; homes min-max].", "",
              "| row | seeds | stage-2 steps | probe | importance | usage | edit | DCI-D | recon MSE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row, e in table.items():
         cells = [f"{e[v]['rho']} [{e[v]['n_factors']}; {e[v]['homes'][0]:.1f}-{e[v]['homes'][1]:.1f}]"
+                 + (f", {e[v]['rho_seeds']} of {e['seeds']} seeds" if e[v]["rho_seeds"] < e["seeds"] else "")
                  if v in e and e[v]["rho"] != "n/a" else "n/a" for v in VIEWS]
         lines.append(f"| {row} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + f" | {e['dci_d']} | {e['mse']} |")
     lines += ["", "The same Spearman over every factor with a home (learned or not), mean ± std over seeds:", "",
@@ -251,9 +253,9 @@ def write_markdown(claims, path):
               "| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row, e in table.items():
         lines.append(f"| {row} | " + " | ".join(e["probe"].get(n, "n/a") for n in names) + " |")
-    lines += ["", "Factors each probe-view Spearman covers:", ""]
+    lines += ["", "Learned factors (full-z probe >= 0.9), per seed:", ""]
     for row, e in table.items():
-        lines.append(f"- {row}: {', '.join(e['probe_map']['factors']) or 'none'}")
+        lines.append(f"- {row}: " + "; ".join(f"seed {s}: {', '.join(f) or 'none'}" for s, f in e["learned"].items()))
     lines += ["", "**Answer.** " + answer(claims, table), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))

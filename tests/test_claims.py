@@ -17,13 +17,29 @@ def test_row_config_reads_the_row_id():
     assert (pdae.k, pdae.mode) == (1, "base")
 
 
-def test_answer_needs_every_factor_and_stop_grad():
+def test_answer_needs_every_factor_every_seed_and_stop_grad():
     c = dict(loss_times={"a": 1, "b": 2, "c": 3})
-    full = {"probe_map": dict(rho_mean=0.9, n_factors=3), "usage": dict(rho_mean=0.1, n_factors=3)}
-    partial = {"probe_map": dict(rho_mean=1.0, n_factors=2)}
+    full = {"seeds": 2, "probe_map": dict(rho_mean=0.9, n_factors=3, rho_seeds=2),
+            "usage": dict(rho_mean=0.1, n_factors=3, rho_seeds=2)}
+    partial = {"seeds": 2, "probe_map": dict(rho_mean=1.0, n_factors=2, rho_seeds=2)}
+    one_seed = {"seeds": 2, "probe_map": dict(rho_mean=1.0, n_factors=3, rho_seeds=1)}
     assert "stop_grad-uniform-k8 (probe_map)" in claims.answer(c, {"stop_grad-uniform-k8": full})
     assert claims.answer(c, {"base-uniform-k8": full}).startswith("In no stop_grad row")
     assert claims.answer(c, {"stop_grad-uniform-k8": partial}).startswith("In no stop_grad row")
+    assert claims.answer(c, {"stop_grad-uniform-k8": one_seed}).startswith("In no stop_grad row")
+
+
+def test_a_spearman_that_exists_in_one_seed_says_so():
+    """A seed with < 3 learned factors has no Spearman: the mean is over the others, and the table says how many."""
+    def run(seed, rho, factors):
+        view = dict(rho=rho, factors=factors, spread=[1.0, 3.0] if rho is not None else [1.0, 2.0], rho_all=0.1)
+        return dict(row="stop_grad-uniform-k8", seed=seed, steps=10, dm_steps=10, batch_size=2, dci_d=0.5, mse=0.1,
+                    probe={}, learned=factors, **{v: view for v in claims.VIEWS})
+    c = dict(rows=["stop_grad-uniform-k8"], loss_times={},
+             runs={"seed0/x": run(0, None, ["a", "b"]), "seed1/x": run(1, -0.5, ["a", "b", "c"])})
+    e = claims.aggregate(c)["stop_grad-uniform-k8"]
+    assert (e["probe_map"]["rho"], e["probe_map"]["rho_seeds"], e["probe_map"]["n_factors"]) == ("-0.50", 1, 3)
+    assert e["learned"] == {0: ["a", "b"], 1: ["a", "b", "c"]}
 
 
 def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
