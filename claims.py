@@ -269,8 +269,9 @@ def compare(dirs, path, rows=None):
     for d in dirs:
         claims = json.load(open(os.path.join(d, "claims.json")))
         commands += [f"    python claims.py {c}" for c in claims.get("commands", [])]
-        extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in beyond_paper(claims)) or "-"
-        strong_fine = any(k == "fine_loss_time" for k, _ in beyond_paper(claims))
+        options = beyond_paper(claims)
+        extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options) or "-"
+        strong_fine = any(k == "fine_loss_time" for k, _ in options)
         t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})
         times = claims["loss_times"]
         runs += [(r["row"], r["dm_steps"], r["steps"], r["seed"], extra, d, r, sorted(times, key=lambda n: -times[n]))
