@@ -362,8 +362,9 @@ def tv_curves_for(dm_config):
     """The exact TV_t curves of the built-in data's factors (for the fitted partition)."""
     if dm_config["data"] != "synthetic":
         raise UserError("--partition fitted needs the built-in data's known factors: use uniform, paper or staged")
+    fine_loss_time = synthetic_options(dm_config)["fine_loss_time"]
     return data.attribute_loss_curves(data.Synthetic(dm_config["image_size"], dm_config["seed"],
-                                                     fine_loss_time=dm_config.get("fine_loss_time", 0)))[0]
+                                                     fine_loss_time=fine_loss_time))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,7 +463,7 @@ def check_same_data(ck, cfg, ckpt_path):
     """On resume or reuse of a DDPM: it must have been trained on the data these flags load."""
     if ck["kind"] != "dm":
         return
-    old = {k: ck["config"].get(k, 0 if k == "fine_loss_time" else None) for k in DATA_FIELDS}
+    old = {k: ck["config"].get(k, getattr(DMConfig, k)) for k in DATA_FIELDS}   # an older checkpoint: the default
     diff = config_diff(old, {k: getattr(cfg, k) for k in DATA_FIELDS})
     if diff:
         raise UserError(f"{ckpt_path} was trained on other data ({diff}): pass the flags it was trained with, "
@@ -597,7 +598,7 @@ def synthetic_options(dm_config):
     fine_loss_time: they were trained on the default data."""
     if dm_config["data"] != "synthetic":
         return {}
-    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", 0))
+    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time))
 
 
 def load_train_split(dm_config, rank=0, world=1):
