@@ -54,10 +54,11 @@ def ddpm_loss(model, sched, x0):
     return (eps - model(q_sample(sched, x0, t, eps), t)).pow(2).mean()
 
 
-def pdae_weight(sched, t):
-    """SPEC §2 PDAE weighting (gamma = 0.1): weight_t = SNR_t^0.1 / (1 + SNR_t). Returns (B,)."""
+def pdae_weight(sched, t, gamma=0.1):
+    """SPEC §2 PDAE weighting: weight_t = SNR_t^gamma / (1 + SNR_t); the paper's gamma is 0.1. A larger gamma
+    moves weight to small t (gamma = 1 gives abar_t). Returns (B,)."""
     snr = sched.snr.to(t.device)[t]
-    return snr ** 0.1 / (1 + snr)
+    return snr ** gamma / (1 + snr)
 
 
 def shift_coef(sched, t):

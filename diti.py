@@ -189,9 +189,9 @@ class DiTi(nn.Module):
         return self.encoder(x0)
 
 
-def diti_loss(model, unet, sched, x0, mode="base", t=None, eps=None):
+def diti_loss(model, unet, sched, x0, mode="base", t=None, eps=None, gamma=0.1):
     """SPEC §2: L = mean over batch and pixels of
-    weight_t || eps - (eps_theta(x_t, t) + shift_t G(x_t, t, c_t)) ||^2.
+    weight_t || eps - (eps_theta(x_t, t) + shift_t G(x_t, t, c_t)) ||^2, weight_t with PDAE's gamma (paper: 0.1).
     Returns (loss, per-sample loss (B,), t (B,)) so a caller can histogram the loss over t."""
     B = x0.shape[0]
     t = torch.randint(0, sched.T, (B,), device=x0.device) if t is None else t
@@ -200,7 +200,7 @@ def diti_loss(model, unet, sched, x0, mode="base", t=None, eps=None):
     c = condition(model.encode(x0), t, model.partition, mode)              # (B, d)
     eps_theta, G = eps_and_shift(unet, model.decoder, x_t, t, c)
     pred = eps_theta + shift_coef(sched, t).view(B, 1, 1, 1).to(G.dtype) * G
-    per_sample = pdae_weight(sched, t) * (eps - pred).float().pow(2).flatten(1).mean(1)
+    per_sample = pdae_weight(sched, t, gamma) * (eps - pred).float().pow(2).flatten(1).mean(1)
     return per_sample.mean(), per_sample.detach(), t
 
 

@@ -77,6 +77,7 @@ class DiTiConfig:
     stage_dims: tuple = (10, 25, 327, 100, 50)
     mode: str = "base"                 # base | stop_grad
     encoder_grid: int = 1              # beyond the paper (1 = off): E's last map at least this wide (diti.Encoder)
+    loss_gamma: float = 0.1            # PDAE's gamma in weight_t = SNR_t^gamma / (1 + SNR_t); beyond the paper if not 0.1
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -200,6 +201,8 @@ def check_config(cfg):
     if not 0 <= getattr(cfg, "fine_loss_time", 0) < 1000:
         raise UserError(f"--fine-loss-time must be 0 (off) or a time-step below 1000 (below 150 keeps the fine "
                         f"factors fine), got {cfg.fine_loss_time}")
+    if not 0 <= getattr(cfg, "loss_gamma", 0.1) <= 1:
+        raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
     if hasattr(cfg, "channel_mult"):
         levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
         if not cfg.channel_mult or cfg.image_size % levels:
@@ -672,7 +675,7 @@ def train_diti(cfg, resume=False):
               f"frozen DDPM {cfg.dm}, device {device}, out {cfg.out}")
 
     def loss_fn(model, x0, t, eps):
-        loss, per_sample, t = diti_loss(model, unet, sched, x0, cfg.mode, t, eps)
+        loss, per_sample, t = diti_loss(model, unet, sched, x0, cfg.mode, t, eps, cfg.loss_gamma)
         return loss, per_sample, t, {}
 
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"],
