@@ -210,12 +210,13 @@ def scope(claims, table):
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})
     missing = [row for row in grid_rows() if row not in table]
+    options = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in beyond_paper(claims))
     return (f"**Scope.** {len(table)} of the {len(grid_rows())} grid rows, {len(runs)} runs over seeds "
             f"{', '.join(map(str, seeds)) or 'none'}; {dm.image_size}-px built-in data; budgets (DDPM steps x "
             f"{dm.batch_size}, stage-2 steps x batch): "
             + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
             + (f". Not run: {', '.join(missing)}." if missing else ".")
-            + "".join(f" Beyond the paper: --{k.replace('_', '-')} {v}." for k, v in beyond_paper(claims)))
+            + (f" Beyond the paper: {options}." if options else ""))
 
 
 def beyond_paper(claims):

@@ -67,6 +67,15 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     assert "    python claims.py --out " in table                               # how to regenerate it
 
 
+def test_options_beyond_the_paper_are_named_in_the_scope_line():
+    c = dict(overrides=dict(dm=["--steps", "10", "--fine-loss-time", "140"],
+                            diti_fields=dict(steps=10, loss_gamma=1.0, encoder_grid=2)))
+    assert claims.beyond_paper(c) == [("loss_gamma", 1.0), ("encoder_grid", 2), ("fine_loss_time", "140")]
+    assert claims.scope(dict(c, preset="tiny", runs={}), {}).endswith(
+        ". Beyond the paper: --loss-gamma 1.0, --encoder-grid 2, --fine-loss-time 140.")
+    assert "Beyond" not in claims.scope(dict(preset="tiny", runs={}), {})
+
+
 def test_runs_written_by_another_process_are_kept(tmp_path):
     """Two claims.py side by side (one per seed) each read claims.json at start: neither may drop the other's runs."""
     path = str(tmp_path / "claims.json")

@@ -36,6 +36,10 @@ def test_pdae_weight_and_shift_coefficient_reference_values():
     w = D.pdae_weight(s, t)
     assert torch.allclose(w, torch.tensor([0.130, 0.7225, 0.720, 0.364]), atol=2e-3)
     assert D.pdae_weight(s, torch.arange(1000)).argmax().item() == 475
+    t = torch.arange(1000)
+    assert torch.allclose(D.pdae_weight(s, t, gamma=1.0), s.abar.float(), atol=1e-6)      # SNR / (1 + SNR) = abar
+    assert torch.allclose(D.pdae_weight(s, t, gamma=0.0), 1 - s.abar.float(), atol=1e-6)  # 1 / (1 + SNR)
+    assert D.pdae_weight(s, t, gamma=0.5).argmax().item() < 475 < D.pdae_weight(s, t, gamma=0.0).argmax().item()
     c = D.shift_coef(s, torch.tensor([0, 100, 999]))
     assert torch.allclose(c, torch.tensor([0.0, -0.318, -0.990]), atol=2e-3)
 

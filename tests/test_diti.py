@@ -116,6 +116,8 @@ def test_at_initialisation_the_loss_is_the_weighted_ddpm_loss_of_the_frozen_mode
     plain = (eps - unet(D.q_sample(s, x0, t, eps), t)).pow(2).flatten(1).mean(1)
     assert torch.allclose(per_sample, D.pdae_weight(s, t) * plain, atol=1e-6)
     assert torch.allclose(loss, (D.pdae_weight(s, t) * plain).mean(), atol=1e-6)
+    abar_weighted = diti_loss(model, unet, s, x0, "base", t, eps, gamma=1.0)[1]     # --loss-gamma 1: abar_t
+    assert torch.allclose(abar_weighted, s.abar[t].float() * plain, atol=1e-6)
 
 
 def perturb(module, std=0.05):

@@ -306,6 +306,14 @@ def test_encoder_grid_option_is_saved_and_rebuilt_on_load(env, dm_ckpt, tmp_path
     assert ckpt["config"]["encoder_grid"] == 2 and model.encoder.net[-1].in_features == 128 * 2 * 2
 
 
+def test_loss_gamma_is_saved_and_checked(env, dm_ckpt, tmp_path):
+    """--loss-gamma (beyond the paper) travels in the checkpoint; a gamma outside [0, 1] is refused before any work."""
+    import train as train_module
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--loss-gamma", 1, "--out", tmp_path))
+    assert train_module.load_diti(str(tmp_path / "ckpt.pt"))[2]["config"]["loss_gamma"] == 1.0
+    assert_user_error(train(env, "diti", *DITI, "--dm", dm_ckpt, "--loss-gamma", 2), "--loss-gamma must lie in [0, 1]")
+
+
 def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     """--fine-loss-time changes the data: a DDPM trained without it is not continued with it (nor reused by
     claims.py), and a loss time out of range is refused before any work."""
