@@ -306,6 +306,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps")
     p.add_argument("--encoder-grid", type=int, default=None,
                    help="beyond the paper: keep E's last feature map at least this wide (train.py diti --encoder-grid)")
+    p.add_argument("--encoder-heads", action="store_true",
+                   help="beyond the paper: one small encoder per subset, no shared trunk (train.py diti --encoder-heads)")
     p.add_argument("--loss-gamma", type=float, default=None,
                    help="beyond the paper: PDAE's gamma of the stage-2 loss weight (paper 0.1; 1 weights small t most)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -331,7 +333,8 @@ def main(argv=None):
                      + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else []),
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),
                                   **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
-                                  **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {})})
+                                  **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
+                                  **(dict(encoder_heads=True) if a.encoder_heads else {})})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

@@ -154,9 +154,10 @@ class Encoder(nn.Module):
     conv s2 64->128, attention (4 heads), GN, SiLU, conv s2 128->128, GN, SiLU, conv s2 128->128, GN, SiLU,
     flatten, Linear(2048 -> d). Other sizes keep the layers; the flatten width is 128 * (size / 16)^2, so at
     16 px the map is 1x1 before the Linear. min_grid > 1 (beyond the paper, off by default) keeps it at least
-    min_grid x min_grid: a conv that would halve it below that has stride 1."""
+    min_grid x min_grid: a conv that would halve it below that has stride 1. width (64 in the paper) sets the
+    channels: width, then 2 * width."""
 
-    def __init__(self, image_size=64, z_dim=512, in_channels=3, min_grid=1):
+    def __init__(self, image_size=64, z_dim=512, in_channels=3, min_grid=1, width=64):
         super().__init__()
         if image_size % 16:
             raise ValueError(f"the encoder needs an image size divisible by 16, got {image_size}")
@@ -164,25 +165,43 @@ class Encoder(nn.Module):
         for _ in range(4):
             sizes.append(sizes[-1] // 2 if sizes[-1] // 2 >= min_grid else sizes[-1])
         conv = lambda i, o, n: nn.Conv2d(i, o, 3, stride=sizes[n] // sizes[n + 1], padding=1)  # noqa: E731
+        w, w2 = width, 2 * width
         self.net = nn.Sequential(
-            conv(in_channels, 64, 0), group_norm(64), nn.SiLU(),
-            conv(64, 128, 1), Attention(128, num_heads=4), group_norm(128), nn.SiLU(),
-            conv(128, 128, 2), group_norm(128), nn.SiLU(),
-            conv(128, 128, 3), group_norm(128), nn.SiLU(),
-            nn.Flatten(), nn.Linear(128 * sizes[-1] ** 2, z_dim))
+            conv(in_channels, w, 0), group_norm(w), nn.SiLU(),
+            conv(w, w2, 1), Attention(w2, num_heads=4), group_norm(w2), nn.SiLU(),
+            conv(w2, w2, 2), group_norm(w2), nn.SiLU(),
+            conv(w2, w2, 3), group_norm(w2), nn.SiLU(),
+            nn.Flatten(), nn.Linear(w2 * sizes[-1] ** 2, z_dim))
 
     def forward(self, x):
         return self.net(x)  # (B, d)
+
+
+class SubsetEncoders(nn.Module):
+    """Beyond the paper (SPEC §7.1, off by default): one small encoder per subset and no shared trunk, so that
+    no subset's features are a linear read-out of the same trunk as the others'. Head i outputs subset i's dims;
+    each is at most 1/sqrt(k) as wide as E, so that together they cost no more than E (in parameters)."""
+
+    def __init__(self, image_size, partition, in_channels=3, min_grid=1):
+        super().__init__()
+        width = 8 * max(1, int(8 / partition.k ** 0.5))
+        sizes = [e - s for s, e in zip(partition.starts(), partition.ends)]
+        self.heads = nn.ModuleList(Encoder(image_size, n, in_channels, min_grid, width) for n in sizes)
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=1)  # (B, d), subset i from head i
 
 
 class DiTi(nn.Module):
     """The trainable parts, E and G, and the partition they are trained for. The frozen U-Net is not a
     member: it is passed to the loss so that checkpoints of this module hold only what stage 2 learns."""
 
-    def __init__(self, unet_cfg, partition, encoder_size=None, encoder_grid=1):
+    def __init__(self, unet_cfg, partition, encoder_size=None, encoder_grid=1, encoder_heads=False):
         super().__init__()
         self.partition = partition
-        self.encoder = Encoder(encoder_size or unet_cfg.image_size, partition.d, unet_cfg.in_channels, encoder_grid)
+        size = encoder_size or unet_cfg.image_size
+        self.encoder = (SubsetEncoders(size, partition, unet_cfg.in_channels, encoder_grid) if encoder_heads
+                        else Encoder(size, partition.d, unet_cfg.in_channels, encoder_grid))
         self.decoder = ShiftDecoder(unet_cfg, partition.d)
 
     def encode(self, x0):

@@ -77,6 +77,7 @@ class DiTiConfig:
     stage_dims: tuple = (10, 25, 327, 100, 50)
     mode: str = "base"                 # base | stop_grad
     encoder_grid: int = 1              # beyond the paper (1 = off): E's last map at least this wide (diti.Encoder)
+    encoder_heads: bool = False        # beyond the paper: one small encoder per subset, no shared trunk (diti.SubsetEncoders)
     loss_gamma: float = 0.1            # PDAE's gamma in weight_t = SNR_t^gamma / (1 + SNR_t); beyond the paper if not 0.1
     batch_size: int = 64
     lr: float = 1e-4
@@ -352,13 +353,14 @@ def build_diti(dm_ckpt, cfg):
     carries its partition's end dims, which are used as they are (a fitted partition is not refitted)."""
     unet_cfg = build_unet(dm_ckpt).cfg
     if "partition" in dm_ckpt:
-        return DiTi(unet_cfg, Partition(tuple(dm_ckpt["partition"])), encoder_grid=cfg.encoder_grid)
+        part = Partition(tuple(dm_ckpt["partition"]))
+        return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads)
     try:
         part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims,
                               tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
     except ValueError as e:
         raise UserError(str(e))
-    return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid)
+    return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads)
 
 
 def tv_curves_for(dm_config):

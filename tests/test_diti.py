@@ -4,7 +4,7 @@ import torch
 
 import diffusion as D
 from diti import (DiTi, Encoder, Partition, condition, cumulative_mask, diti_loss, fitted_partition, make_partition,
-                  paper_partition, staged_partition, subset_table, uniform_partition)
+                  SubsetEncoders, paper_partition, staged_partition, subset_table, uniform_partition)
 from unet import UNet, UNetConfig
 
 PAPER_ENDS = [2, 4, 6, 10, 18, 26, 35, 60, 85, 110, 135, 160, 185, 210, 235, 260, 285, 310, 335, 362,
@@ -100,6 +100,20 @@ def test_encoder_grid_keeps_a_spatial_map_only_where_the_paper_would_collapse_it
     assert grid16(torch.randn(3, 3, 16, 16)).shape == (3, 8)
     same = Encoder(64, 512, min_grid=2)                                                       # 4x4 already
     assert strides(same) == [2, 2, 2, 2] and sum(q.numel() for q in same.parameters()) == 1487104
+
+
+def test_subset_encoders_give_each_subset_its_own_head():
+    """--encoder-heads (beyond the paper): subset i's dims depend only on head i's weights, and the heads
+    together have no more parameters than the shared encoder."""
+    part = uniform_partition(64, 8)
+    heads = SubsetEncoders(16, part)
+    x = torch.randn(2, 3, 16, 16)
+    z = heads(x)
+    assert z.shape == (2, 64) and len(heads.heads) == 8
+    z[:, 8:16].sum().backward()                                                    # subset 1
+    grads = [any(q.grad is not None and q.grad.abs().sum() > 0 for q in h.parameters()) for h in heads.heads]
+    assert grads == [False, True] + [False] * 6
+    assert sum(q.numel() for q in heads.parameters()) <= sum(q.numel() for q in Encoder(16, 64).parameters())
 
 
 def tiny_setup(k=4, d=8):

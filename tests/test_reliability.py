@@ -306,6 +306,14 @@ def test_encoder_grid_option_is_saved_and_rebuilt_on_load(env, dm_ckpt, tmp_path
     assert ckpt["config"]["encoder_grid"] == 2 and model.encoder.net[-1].in_features == 128 * 2 * 2
 
 
+def test_encoder_heads_option_is_saved_and_rebuilt_on_load(env, dm_ckpt, tmp_path):
+    """--encoder-heads (beyond the paper) travels in the checkpoint: load_diti rebuilds one head per subset."""
+    import train as train_module
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--encoder-heads", "true", "--out", tmp_path))
+    model, _, ckpt = train_module.load_diti(str(tmp_path / "ckpt.pt"))
+    assert ckpt["config"]["encoder_heads"] is True and len(model.encoder.heads) == model.partition.k
+
+
 def test_loss_gamma_is_saved_and_checked(env, dm_ckpt, tmp_path):
     """--loss-gamma (beyond the paper) travels in the checkpoint; a gamma outside [0, 1] is refused before any work."""
     import train as train_module
