@@ -51,7 +51,9 @@ def finished(cfg, kind):
     if not os.path.isfile(path):
         return False
     ck = train.load_checkpoint(path, kind)
-    train.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused
+    train.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused,
+    if kind == "dm":                              # nor one of another width
+        train.check_same_model(ck, dict(unet=dataclasses.asdict(train.unet_config(cfg))), path)
     return ck["step"] >= cfg.steps
 
 
@@ -216,17 +218,16 @@ def scope(claims, table):
             f"{dm.batch_size}, stage-2 steps x batch): "
             + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
             + (f". Not run: {', '.join(missing)}." if missing else ".")
-            + (f" Beyond the paper: {options}." if options else ""))
+            + (f" Options beyond the `{claims['preset']}` preset: {options}." if options else ""))
 
 
 def beyond_paper(claims):
-    """(option, value) of every option beyond the paper that this grid ran with."""
+    """(option, value) of every option beyond the preset (budgets aside) that this grid ran with: the options
+    beyond the paper, and a U-Net width."""
     overrides = claims.get("overrides", {})
     extra = [(k, v) for k, v in overrides.get("diti_fields", {}).items() if k != "steps"]
     dm_flags = dict(zip(overrides.get("dm", [])[::2], overrides.get("dm", [])[1::2]))    # ["--steps", "4000", ...]
-    if "--fine-loss-time" in dm_flags:
-        extra.append(("fine_loss_time", dm_flags["--fine-loss-time"]))
-    return extra
+    return extra + [(flag[2:].replace("-", "_"), v) for flag, v in dm_flags.items() if flag != "--steps"]
 
 
 def write_markdown(claims, path):
@@ -265,7 +266,7 @@ def write_markdown(claims, path):
 
 def compare(dirs, path, rows=None):
     """One table over several claims folders (say, the same row at growing budgets): per run, its budget, the
-    options beyond the paper, the learned factors and the full-z probe per factor."""
+    options beyond the preset, the learned factors and the full-z probe per factor."""
     runs, t_f, commands = [], {}, []
     for d in dirs:
         claims = json.load(open(os.path.join(d, "claims.json")))
@@ -282,7 +283,7 @@ def compare(dirs, path, rows=None):
     lines = ["# The same rows at other budgets and options", "",
              "Full-z probe per factor (chance = 0, perfect = 1); learned: >= 0.9. Factors by loss time t_f (in "
              "brackets; with --fine-loss-time the fine ones are lost later), coarse first.", "",
-             "| row | DDPM steps | stage-2 steps | seed | beyond the paper | learned | "
+             "| row | DDPM steps | stage-2 steps | seed | options | learned | "
              + " | ".join(f"{n} ({t_f[n]})" for n in names) + " | folder |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for row, dm_steps, steps, seed, extra, d, r, _ in runs:
@@ -312,6 +313,8 @@ def main(argv=None):
                    help="beyond the paper: PDAE's gamma of the stage-2 loss weight (paper 0.1; 1 weights small t most)")
     p.add_argument("--fine-loss-time", type=int, default=None,
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
+    p.add_argument("--base-channels", type=int, default=None,
+                   help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compare", default=None,
                    help="comma-separated claims folders: write one table of their runs to <out>/compare.md, train nothing")
@@ -330,7 +333,8 @@ def main(argv=None):
     for row in rows:
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
     overrides = dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
-                     + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else []),
+                     + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
+                     + (["--base-channels", str(a.base_channels)] if a.base_channels else []),
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),
                                   **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
                                   **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),

@@ -333,3 +333,15 @@ def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "fine_loss_time: 0 -> 140")
     assert snapshot(out / "ckpt.pt") == before
     assert_user_error(train(env, "dm", *DM, "--fine-loss-time", 1000), "--fine-loss-time must be 0 (off)")
+
+
+def test_claims_does_not_reuse_a_ddpm_of_another_width(dm_ckpt, tmp_path):
+    """claims.py --base-channels: a finished DDPM in the folder with another U-Net is refused, not reused."""
+    import claims
+    import train as train_module
+    cfg, _, _ = train_module.make_config("dm", [*map(str, DM), "--steps", "1", "--out", str(tmp_path)])
+    (tmp_path / "ckpt.pt").write_bytes(dm_ckpt.read_bytes())
+    assert claims.finished(cfg, "dm")
+    wide, _, _ = train_module.make_config("dm", [*map(str, DM), "--base-channels", "16", "--out", str(tmp_path)])
+    with pytest.raises(train_module.UserError, match="trained with another U-Net.*base_channels: 8 -> 16"):
+        claims.finished(wide, "dm")
