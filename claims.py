@@ -212,13 +212,19 @@ def scope(claims, table):
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})
     missing = [row for row in grid_rows() if row not in table]
-    options = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in beyond_paper(claims))
+    options = ", ".join(map(flag_text, beyond_paper(claims)))
     return (f"**Scope.** {len(table)} of the {len(grid_rows())} grid rows, {len(runs)} runs over seeds "
             f"{', '.join(map(str, seeds)) or 'none'}; {dm.image_size}-px built-in data; budgets (DDPM steps x "
             f"{dm.batch_size}, stage-2 steps x batch): "
             + "; ".join(f"{a} / {b} x {c}" for a, b, c in budgets)
             + (f". Not run: {', '.join(missing)}." if missing else ".")
             + (f" Options beyond the `{claims['preset']}` preset: {options}." if options else ""))
+
+
+def flag_text(option):
+    """("loss_gamma", 1.0) -> "--loss-gamma 1.0"; a switched-on bool is the bare flag."""
+    name, value = option
+    return f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
 
 
 def beyond_paper(claims):
@@ -272,7 +278,7 @@ def compare(dirs, path, rows=None):
         claims = json.load(open(os.path.join(d, "claims.json")))
         commands += [f"    python claims.py {c}" for c in claims.get("commands", [])]
         options = beyond_paper(claims)
-        extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options) or "-"
+        extra = " ".join(map(flag_text, options)) or "-"
         strong_fine = any(k == "fine_loss_time" for k, _ in options)
         t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})
         times = claims["loss_times"]
