@@ -212,7 +212,7 @@ def scope(claims, table):
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})
     missing = [row for row in grid_rows() if row not in table]
-    options = ", ".join(map(flag_text, beyond_paper(claims)))
+    options = ", ".join(map(flag_text, preset_options(claims)))
     return (f"**Scope.** {len(table)} of the {len(grid_rows())} grid rows, {len(runs)} runs over seeds "
             f"{', '.join(map(str, seeds)) or 'none'}; {dm.image_size}-px built-in data; budgets (DDPM steps x "
             f"{dm.batch_size}, stage-2 steps x batch): "
@@ -227,7 +227,7 @@ def flag_text(option):
     return f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
 
 
-def beyond_paper(claims):
+def preset_options(claims):
     """(option, value) of every option beyond the preset (budgets aside) that this grid ran with: the options
     beyond the paper, and a U-Net width."""
     overrides = claims.get("overrides", {})
@@ -277,7 +277,7 @@ def compare(dirs, path, rows=None):
     for d in dirs:
         claims = json.load(open(os.path.join(d, "claims.json")))
         commands += [f"    python claims.py {c}" for c in claims.get("commands", [])]
-        options = beyond_paper(claims)
+        options = preset_options(claims)
         extra = " ".join(map(flag_text, options)) or "-"
         strong_fine = any(k == "fine_loss_time" for k, _ in options)
         t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})

@@ -354,12 +354,12 @@ def build_diti(dm_ckpt, cfg):
     unet_cfg = build_unet(dm_ckpt).cfg
     if "partition" in dm_ckpt:
         part = Partition(tuple(dm_ckpt["partition"]))
-        return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads)
-    try:
-        part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims,
-                              tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
-    except ValueError as e:
-        raise UserError(str(e))
+    else:
+        try:
+            part = make_partition(cfg.partition, cfg.z_dim, cfg.k, cfg.stages, cfg.stage_dims,
+                                  tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
+        except ValueError as e:
+            raise UserError(str(e))
     return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads)
 
 

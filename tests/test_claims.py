@@ -70,7 +70,7 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
 def test_options_beyond_the_paper_are_named_in_the_scope_line():
     c = dict(overrides=dict(dm=["--steps", "10", "--fine-loss-time", "140", "--base-channels", "32"],
                             diti_fields=dict(steps=10, loss_gamma=1.0, encoder_heads=True)))
-    assert claims.beyond_paper(c) == [("loss_gamma", 1.0), ("encoder_heads", True), ("fine_loss_time", "140"),
+    assert claims.preset_options(c) == [("loss_gamma", 1.0), ("encoder_heads", True), ("fine_loss_time", "140"),
                                       ("base_channels", "32")]
     assert claims.scope(dict(c, preset="tiny", runs={}), {}).endswith(". Options beyond the `tiny` preset: "
                                                                       "--loss-gamma 1.0, --encoder-heads, "
