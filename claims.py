@@ -4,8 +4,8 @@
     python claims.py --out runs/claims --seeds 0,1,2 --rows stop_grad-uniform-k8,stop_grad-fitted-k8
 
 Grid (SPEC §7, issue 12): mode {base, stop_grad} x partition {uniform, fitted to the factors' TV curves}
-x k {4, 8} x seeds, plus PDAE (k = 1, its z cut into 8 chunks for the maps), one frozen DDPM per seed shared
-by every row of that seed. Each finished run is written to claims.json at once, so an interrupted grid
+x k {4, 8} x seeds, plus PDAE (k = 1, its z cut into 8 chunks for the maps) and DisDiff (SPEC §8, the comparison:
+its factors are the units), one frozen DDPM per seed shared by every row of that seed. Each finished run is written to claims.json at once, so an interrupted grid
 resumes where it stopped (a half-trained run resumes from its checkpoint). claims.md is the readable table:
 mean and spread over seeds of every view's Spearman(home, t_f) over the learned factors, DCI-D, the full-z
 probe per factor and the reconstruction MSE.
@@ -31,18 +31,26 @@ MODES, PARTITIONS, KS = ("base", "stop_grad"), ("uniform", "fitted"), (4, 8)
 
 
 def grid_rows():
-    """Row ids of the full grid, e.g. 'stop_grad-fitted-k8', and 'pdae'."""
-    return [f"{m}-{p}-k{k}" for m in MODES for p in PARTITIONS for k in KS] + ["pdae"]
+    """Row ids of the full grid, e.g. 'stop_grad-fitted-k8', and the two controls 'pdae' and 'disdiff'."""
+    return [f"{m}-{p}-k{k}" for m in MODES for p in PARTITIONS for k in KS] + ["pdae", "disdiff"]
+
+
+def row_stage(row):
+    """The train.py stage of a grid row: 'disdiff' or 'diti'."""
+    return "disdiff" if row == "disdiff" else "diti"
 
 
 def row_config(row, preset, seed, out):
     """The stage-2 config of a grid row."""
+    if row == "disdiff":
+        cfg, _, _ = train.make_config("disdiff", ["--preset", preset])
+        return dataclasses.replace(cfg, seed=seed, out=out)
     cfg, _, _ = train.make_config("diti", ["--preset", preset])
     if row == "pdae":
         return dataclasses.replace(cfg, k=1, mode="base", partition="uniform", seed=seed, out=out)
     mode, partition, k = row.split("-")
     if mode not in MODES or partition not in PARTITIONS or not k.startswith("k"):
-        raise train.UserError(f"unknown grid row '{row}': rows look like stop_grad-fitted-k8 or pdae")
+        raise train.UserError(f"unknown grid row '{row}': rows look like stop_grad-fitted-k8, pdae or disdiff")
     return dataclasses.replace(cfg, mode=mode, partition=partition, k=int(k[1:]), seed=seed, out=out)
 
 
@@ -108,6 +116,11 @@ def shared_classifier(seed_dir, eval_cfg, dm_cfg):
     return path
 
 
+def stage2_fields(cfg, overrides):
+    """The stage-2 overrides this row's config has: --steps for every row, the DiTi options for DiTi rows only."""
+    return {k: v for k, v in overrides.get("diti_fields", {}).items() if hasattr(cfg, k)}
+
+
 def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
     """Train and evaluate every (seed, row) not yet in claims.json; returns the claims dict."""
     path = os.path.join(out, "claims.json")
@@ -126,8 +139,9 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         dm_path = train_stage(train.train_dm, dm_cfg, "dm")
         eval_cfg = evaluate.eval_config(eval_preset, seed=seed)
         cfg = row_config(row, preset, seed, os.path.join(seed_dir, row))
-        cfg = dataclasses.replace(cfg, dm=dm_path, **overrides.get("diti_fields", {}))
-        ckpt = train_stage(train.train_diti, cfg, "diti")
+        cfg = dataclasses.replace(cfg, dm=dm_path, **stage2_fields(cfg, overrides))
+        kind = row_stage(row)
+        ckpt = train_stage(train.train_disdiff if kind == "disdiff" else train.train_diti, cfg, kind)
         classifier = shared_classifier(seed_dir, eval_cfg, dm_cfg)
         os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
         shutil.copy(classifier, os.path.join(cfg.out, "eval", "factor_classifier.pt"))
@@ -173,7 +187,7 @@ def aggregate(claims):
         runs = [r for r in claims["runs"].values() if r["row"] == row]
         if not runs:
             continue
-        entry = dict(seeds=len(runs), steps=runs[0]["steps"], dm_steps=runs[0]["dm_steps"],
+        entry = dict(seeds=len(runs), steps=runs[0]["steps"], batch_size=runs[0]["batch_size"], dm_steps=runs[0]["dm_steps"],
                      dci_d=mean_spread([r["dci_d"] for r in runs]), mse=mean_spread([r["mse"] for r in runs]),
                      probe={f: mean_spread([r["probe"][f] for r in runs]) for f in runs[0]["probe"]})
         for view in VIEWS:
@@ -246,13 +260,13 @@ def write_markdown(claims, path):
              "Loss times t_f: " + ", ".join(f"{n} {t}" for n, t in claims.get("loss_times", {}).items()), "",
              "Spearman(home, t_f) over the learned factors (full-z probe >= 0.9), mean ± std over the seeds where it "
              "exists (>= 3 learned factors; 'k of n seeds' when not all): [n factors covered; homes min-max].", "",
-             "| row | seeds | stage-2 steps | probe | importance | usage | edit | DCI-D | recon MSE |",
+             "| row | seeds | stage-2 steps x batch | probe | importance | usage | edit | DCI-D | recon MSE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row, e in table.items():
         cells = [f"{e[v]['rho']} [{e[v]['n_factors']}; {e[v]['homes'][0]:.1f}-{e[v]['homes'][1]:.1f}]"
                  + (f", {e[v]['rho_seeds']} of {e['seeds']} seeds" if e[v]["rho_seeds"] < e["seeds"] else "")
                  if v in e and e[v]["rho"] != "n/a" else "n/a" for v in VIEWS]
-        lines.append(f"| {row} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + f" | {e['dci_d']} | {e['mse']} |")
+        lines.append(f"| {row} | {e['seeds']} | {e['steps']} x {e['batch_size']} | " + " | ".join(cells) + f" | {e['dci_d']} | {e['mse']} |")
     lines += ["", "The same Spearman over every factor with a home (learned or not), mean ± std over seeds:", "",
               "| row | " + " | ".join(VIEWS) + " |", "|---|" + "---|" * len(VIEWS)]
     for row, e in table.items():

@@ -5,9 +5,10 @@ import os
 import claims
 
 
-def test_grid_rows_cover_modes_partitions_ks_and_pdae():
+def test_grid_rows_cover_modes_partitions_ks_and_the_controls():
     rows = claims.grid_rows()
-    assert len(rows) == 9 and "stop_grad-fitted-k8" in rows and "base-uniform-k4" in rows and rows[-1] == "pdae"
+    assert len(rows) == 10 and "stop_grad-fitted-k8" in rows and "base-uniform-k4" in rows
+    assert rows[-2:] == ["pdae", "disdiff"] and claims.row_stage("disdiff") == "disdiff"
 
 
 def test_row_config_reads_the_row_id():
@@ -15,6 +16,14 @@ def test_row_config_reads_the_row_id():
     assert (cfg.mode, cfg.partition, cfg.k, cfg.seed) == ("stop_grad", "fitted", 8, 3)
     pdae = claims.row_config("pdae", "tiny", 0, "/tmp/x")
     assert (pdae.k, pdae.mode) == (1, "base")
+    dis = claims.row_config("disdiff", "tiny", 2, "/tmp/x")
+    assert (type(dis).__name__, dis.seed, dis.factors) == ("DisDiffConfig", 2, 4)
+
+
+def test_diti_options_skip_the_disdiff_row_but_steps_reach_every_row():
+    overrides = dict(diti_fields=dict(steps=7, loss_gamma=1.0, encoder_heads=True))
+    assert claims.stage2_fields(claims.row_config("disdiff", "tiny", 0, ""), overrides) == dict(steps=7)
+    assert claims.stage2_fields(claims.row_config("pdae", "tiny", 0, ""), overrides) == overrides["diti_fields"]
 
 
 def test_answer_needs_every_factor_every_seed_and_stop_grad():
@@ -44,17 +53,20 @@ def test_a_spearman_that_exists_in_one_seed_says_so():
 
 def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "claims")
-    args = ["--out", out, "--preset", "tiny", "--seeds", "0", "--rows", "stop_grad-fitted-k4", "--threads", "1"]
+    args = ["--out", out, "--preset", "tiny", "--seeds", "0", "--rows", "stop_grad-fitted-k4,disdiff", "--threads", "1"]
     claims.main(args)
     result = json.load(open(os.path.join(out, "claims.json")))
-    assert set(result["runs"]) == {"seed0/stop_grad-fitted-k4"}
-    run = result["runs"]["seed0/stop_grad-fitted-k4"]
-    for key in ("probe", "learned", "dci_d", "mse", "probe_map", "importance", "usage", "edit"):
-        assert key in run, key
-    assert set(run["probe"]) == set(result["loss_times"])
+    assert set(result["runs"]) == {"seed0/stop_grad-fitted-k4", "seed0/disdiff"}
+    for row, units in (("stop_grad-fitted-k4", 4), ("disdiff", 4)):       # DisDiff's units: its 4 factors
+        run = result["runs"][f"seed0/{row}"]
+        for key in ("probe", "learned", "dci_d", "mse", "probe_map", "importance", "usage", "edit"):
+            assert key in run, (row, key)
+        assert set(run["probe"]) == set(result["loss_times"])
+        assert all(0 <= h <= units - 1 for h in run["probe_map"]["homes"] if h == h)
+    assert result["runs"]["seed0/disdiff"]["batch_size"] == 8
     md = open(os.path.join(out, "claims.md")).read()
-    assert "| stop_grad-fitted-k4 |" in md and "**Answer.**" in md
-    assert "**Scope.** 1 of the 9 grid rows, 1 runs over seeds 0;" in md and "Not run: base-uniform-k4" in md
+    assert "| stop_grad-fitted-k4 | 1 | 30 x 16 |" in md and "| disdiff | 1 | 20 x 8 |" in md and "**Answer.**" in md
+    assert "**Scope.** 2 of the 10 grid rows, 2 runs over seeds 0;" in md and "Not run: base-uniform-k4" in md
     ckpt = os.path.join(out, "seed0", "stop_grad-fitted-k4", "ckpt.pt")
     mtime = os.path.getmtime(ckpt)
     capsys.readouterr()
