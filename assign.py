@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import train
-from train import UserError
+from config import UserError
 
 ROOT = Path(__file__).resolve().parent
 SKIP_DIRS = {".git", "runs", "__pycache__", ".pytest_cache", ".diti_cache", ".benchmarks", ".venv", "venv"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import config
 import data
 import diffusion
 import editing
@@ -110,7 +111,7 @@ LOSS_CHECK_STEPS = 500           # assignment 4 trains both modes from scratch e
 def trained(stage, name, fields, retrain=False):
     """The checkpoint runs/assign/<name>/ckpt.pt of `train.py <stage>` with these config fields: reused when
     it is complete, else trained (from scratch) here."""
-    cfg = train.STAGES[stage](**fields, out=str(RUNS / name))
+    cfg = config.STAGES[stage](**fields, out=str(RUNS / name))
     path = Path(cfg.out) / "ckpt.pt"
     if path.exists() and not retrain and train.load_checkpoint(str(path), kind=stage)["step"] >= cfg.steps:
         return str(path)

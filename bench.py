@@ -24,6 +24,7 @@ backward segfault on the torch 2.13 CPU build) is recorded as crashed and the re
 failed torch.compile is recorded with its reason. Neither stops the benchmark.
 """
 import argparse
+import config
 import ctypes
 import itertools
 import json
@@ -101,9 +102,9 @@ def timed_call(fn, device):
 def preset_configs(preset):
     """(DMConfig, DiTiConfig, DisDiffConfig or None) of a preset, as train.py builds them."""
     import train
-    p = train.PRESETS[preset]
+    p = config.PRESETS[preset]
     dis_cls = getattr(train, "DisDiffConfig", None)
-    return (train.DMConfig(**p.get("dm", {})), train.DiTiConfig(**p.get("diti", {})),
+    return (config.DMConfig(**p.get("dm", {})), config.DiTiConfig(**p.get("diti", {})),
             dis_cls(**p.get("disdiff", {})) if dis_cls and "disdiff" in p else None)
 
 
@@ -128,7 +129,7 @@ class Setting:
         import diffusion
         import train
         self.dm, self.dcfg, self.discfg = preset_configs(preset)
-        self.ucfg = train.unet_config(self.dm)
+        self.ucfg = config.unet_config(self.dm)
         self.device, self.precision, self.compiled = device, precision, compiled
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.sched = diffusion.linear_schedule().to(device)
@@ -389,12 +390,12 @@ def main(argv=None):
     import train
     try:
         device = train.pick_device(a.device)
-    except train.UserError as e:
+    except config.UserError as e:
         raise SystemExit(f"error: {e}")
     presets, ops = [s for s in a.presets.split(",") if s], [s for s in a.ops.split(",") if s]
-    bad = [s for s in presets if s not in train.PRESETS] + [o for o in ops if o not in OPS]
+    bad = [s for s in presets if s not in config.PRESETS] + [o for o in ops if o not in OPS]
     if bad:
-        raise SystemExit(f"error: unknown preset or op {bad}: presets {', '.join(train.PRESETS)}; ops {', '.join(OPS)}")
+        raise SystemExit(f"error: unknown preset or op {bad}: presets {', '.join(config.PRESETS)}; ops {', '.join(OPS)}")
     auto = train.resolve_precision(device, "auto")
     precisions = ["fp32", "bf16"] if a.all else [auto if s == "auto" else s for s in a.precision.split(",")]
     if any(s not in ("fp32", "bf16") for s in precisions):

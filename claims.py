@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+import config
 import data
 import editing
 import evaluate
@@ -43,14 +44,14 @@ def row_stage(row):
 def row_config(row, preset, seed, out):
     """The stage-2 config of a grid row."""
     if row == "disdiff":
-        cfg, _, _ = train.make_config("disdiff", ["--preset", preset])
+        cfg, _, _ = config.make_config("disdiff", ["--preset", preset])
         return dataclasses.replace(cfg, seed=seed, out=out)
-    cfg, _, _ = train.make_config("diti", ["--preset", preset])
+    cfg, _, _ = config.make_config("diti", ["--preset", preset])
     if row == "pdae":
         return dataclasses.replace(cfg, k=1, mode="base", partition="uniform", seed=seed, out=out)
     mode, partition, k = row.split("-")
     if mode not in MODES or partition not in PARTITIONS or not k.startswith("k"):
-        raise train.UserError(f"unknown grid row '{row}': rows look like stop_grad-fitted-k8, pdae or disdiff")
+        raise config.UserError(f"unknown grid row '{row}': rows look like stop_grad-fitted-k8, pdae or disdiff")
     return dataclasses.replace(cfg, mode=mode, partition=partition, k=int(k[1:]), seed=seed, out=out)
 
 
@@ -61,7 +62,7 @@ def finished(cfg, kind):
     ck = train.load_checkpoint(path, kind)
     train.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused,
     if kind == "dm":                              # nor one of another width
-        train.check_same_model(ck, dict(unet=dataclasses.asdict(train.unet_config(cfg))), path)
+        train.check_same_model(ck, dict(unet=dataclasses.asdict(config.unet_config(cfg))), path)
     return ck["step"] >= cfg.steps
 
 
@@ -134,7 +135,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         t0 = time.time()
         seed_dir = os.path.join(out, f"seed{seed}")
         print(f"[{n + 1}/{len(todo)}] seed {seed} {row}")
-        dm_cfg, _, _ = train.make_config("dm", ["--preset", preset] + overrides.get("dm", []))
+        dm_cfg, _, _ = config.make_config("dm", ["--preset", preset] + overrides.get("dm", []))
         dm_cfg = dataclasses.replace(dm_cfg, seed=seed, out=os.path.join(seed_dir, "dm"))
         dm_path = train_stage(train.train_dm, dm_cfg, "dm")
         eval_cfg = evaluate.eval_config(eval_preset, seed=seed)
@@ -221,7 +222,7 @@ def answer(claims, table):
 
 def scope(claims, table):
     """One computed paragraph: which rows and seeds of the grid this table holds, at which budget."""
-    dm, _, _ = train.make_config("dm", ["--preset", claims["preset"]])
+    dm, _, _ = config.make_config("dm", ["--preset", claims["preset"]])
     runs = list(claims["runs"].values())
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})
@@ -343,7 +344,7 @@ def main(argv=None):
         dirs = a.compare.split(",")
         for d in dirs:
             if not os.path.isfile(os.path.join(d, "claims.json")):
-                raise train.UserError(f"{d}/claims.json does not exist: run claims.py --out {d} first")
+                raise config.UserError(f"{d}/claims.json does not exist: run claims.py --out {d} first")
         os.makedirs(a.out, exist_ok=True)
         print(f"claims: {compare(dirs, os.path.join(a.out, 'compare.md'), None if a.rows == 'all' else a.rows.split(','))}")
         return

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import config
 from diffusion import at, ddim_invert, ddim_sample, linear_schedule, pdae_weight, predict_x0, q_sample, shift_coef
 from diti import Encoder
 from unet import ShiftDecoder
@@ -238,7 +239,7 @@ def build_disdiff(dm_ckpt, cfg):
     try:
         return DisDiff(train.build_unet(dm_ckpt).cfg, cfg.z_dim, cfg.factors)
     except ValueError as e:
-        raise train.UserError(str(e))
+        raise config.UserError(str(e))
 
 
 def warmup_lr(cfg):
@@ -252,9 +253,9 @@ def train_disdiff(cfg, resume=False):
     rank, world = train.dist_setup(cfg.device)
     train.seed_everything(cfg.seed + rank)
     if cfg.stabilise not in STABILISE:
-        raise train.UserError(f"unknown --stabilise '{cfg.stabilise}': choose one of {', '.join(STABILISE)}")
+        raise config.UserError(f"unknown --stabilise '{cfg.stabilise}': choose one of {', '.join(STABILISE)}")
     if not cfg.dm:
-        raise train.UserError("DisDiff needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
+        raise config.UserError("DisDiff needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = train.load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
     dataset = train.load_train_split(dm_cfg, rank, world)
@@ -334,7 +335,7 @@ def load_disdiff(path, device="cpu"):
     """(EMA DisDiff model, frozen U-Net, checkpoint) from a `train.py disdiff` checkpoint."""
     import train
     ckpt = train.load_checkpoint(path, kind="disdiff")
-    cfg = train.DisDiffConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
+    cfg = config.DisDiffConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
     model = build_disdiff(ckpt, cfg)
     model.load_state_dict(ckpt["ema"])
     unet, _ = train.load_frozen_unet(ckpt["dm_path"], device)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import diffusion
 import editing
@@ -38,7 +39,7 @@ METHODS = ("diti", "diti_stop_grad", "pdae", "disdiff")     # the run-dir folder
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration: the sizes of every view, with presets matching train.PRESETS
+# Configuration: the sizes of every view, with presets matching config.PRESETS
 
 @dataclass
 class EvalConfig:
@@ -86,8 +87,8 @@ EVAL_PRESETS = {
 
 def eval_config(preset, **overrides):
     """EvalConfig for a training preset (a preset without its own sizes gets the quick sizes)."""
-    if preset not in train.PRESETS:
-        raise train.UserError(f"unknown preset '{preset}': choose one of {', '.join(train.PRESETS)}")
+    if preset not in config.PRESETS:
+        raise config.UserError(f"unknown preset '{preset}': choose one of {', '.join(config.PRESETS)}")
     return dataclasses.replace(EvalConfig(**EVAL_PRESETS.get(preset, {})), **overrides)
 
 
@@ -138,7 +139,7 @@ def load_representation(path, device, name, units_k=None):
     if kind == "diti":
         return diti_representation(path, device, name, units_k)
     if kind != "disdiff":
-        raise train.UserError(f"{path} is a '{kind}' checkpoint: evaluate a stage-2 (diti or disdiff) checkpoint")
+        raise config.UserError(f"{path} is a '{kind}' checkpoint: evaluate a stage-2 (diti or disdiff) checkpoint")
     import disdiff
     return disdiff.representation(path, device, name)
 
@@ -177,7 +178,7 @@ def load_eval_data(dm_config, cfg):
     splits = data.load_data(name, dm_config.get("data_dir") or None, size=size, seed=dm_config["seed"],
                             **train.synthetic_options(dm_config))
     if splits["train"].labels is None or "test" not in splits:
-        raise train.UserError(f"evaluation needs labelled train and test splits; dataset '{name}' has none")
+        raise config.UserError(f"evaluation needs labelled train and test splits; dataset '{name}' has none")
     rng = np.random.default_rng(cfg.seed)
     ev = EvalData(subset(splits["train"], cfg.n_probe_train, rng), subset(splits["test"], cfg.n_test, rng),
                   full_train=splits["train"])
@@ -367,7 +368,7 @@ def default_units(checkpoints, preset):
         ck = train.load_checkpoint(path)
         if ck["kind"] == "diti" and len(ck["partition"]) > 1:
             return len(ck["partition"])
-    return train.PRESETS[preset].get("diti", {}).get("k", train.DiTiConfig.k)
+    return config.PRESETS[preset].get("diti", {}).get("k", config.DiTiConfig.k)
 
 
 @contextmanager
@@ -403,7 +404,7 @@ def evaluate(checkpoints, out_dir, preset="quick", cfg=None, units=None, extra=N
     """Evaluate {method: ckpt path}; write <out_dir>/report.json and report.md; return the report dict."""
     cfg = cfg or eval_config(preset)
     if not checkpoints:
-        raise train.UserError("no checkpoints to evaluate: train first (python run.py) or pass --ckpt")
+        raise config.UserError("no checkpoints to evaluate: train first (python run.py) or pass --ckpt")
     device = train.pick_device(cfg.device)
     fig_dir = os.path.join(out_dir, "eval")
     os.makedirs(fig_dir, exist_ok=True)
@@ -413,7 +414,7 @@ def evaluate(checkpoints, out_dir, preset="quick", cfg=None, units=None, extra=N
         reps = {m: load_representation(p, device, m, units) for m, p in checkpoints.items()}
         reps = {m: rep for m, rep in reps.items() if rep is not None}
         if not reps:
-            raise train.UserError(f"none of {', '.join(checkpoints.values())} can be evaluated")
+            raise config.UserError(f"none of {', '.join(checkpoints.values())} can be evaluated")
         dm_config = next(iter(reps.values())).info["dm_config"]
         ev = load_eval_data(dm_config, cfg)
         shared, classifier = shared_views(ev, cfg, fig_dir)
@@ -443,7 +444,7 @@ def parse_overrides(args):
             cast = type(default[0]) if default else float
             overrides[f.name] = tuple(cast(v) for v in text.split(",") if v.strip())
         else:
-            overrides[f.name] = train.parse_value(text, default, f.name)
+            overrides[f.name] = config.parse_value(text, default, f.name)
     return overrides
 
 
@@ -459,7 +460,7 @@ def main(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
     args = p.parse_args(argv)
     if bool(args.run) == bool(args.ckpt):
-        raise train.UserError("pass either --run <run dir> or --ckpt <checkpoint>")
+        raise config.UserError("pass either --run <run dir> or --ckpt <checkpoint>")
     if args.run:
         checkpoints, out = find_checkpoints(args.run), args.out or args.run
         saved = os.path.join(args.run, "run.json")

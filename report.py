@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+import config
 import train
 
 VIEWS = (("probe_map", "per-unit probe"), ("importance", "sparse-probe importance"), ("usage", "decoder usage"),
@@ -279,7 +280,7 @@ def main(argv=None):
     """Re-render <run dir>/report.md from its report.json."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "report.json")):
-        raise train.UserError("give a run folder holding report.json, e.g. python report.py runs/quick")
+        raise config.UserError("give a run folder holding report.json, e.g. python report.py runs/quick")
     path = os.path.join(argv[0], "report.md")
     with open(path, "w") as f:
         f.write(markdown(json.load(open(os.path.join(argv[0], "report.json")))))

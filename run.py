@@ -18,10 +18,10 @@ from dataclasses import asdict
 
 import torch
 
-import data
+import config
 import evaluate
 import train
-from train import UserError
+from config import UserError
 
 STAGE2 = {"diti": dict(mode="base"), "diti_stop_grad": dict(mode="stop_grad"), "pdae": dict(k=1, mode="base"),
           "disdiff": dict()}
@@ -30,12 +30,12 @@ IGNORED = {"steps", "out", "dm", "device", "precision", "ckpt_every"}   # may ch
 
 def stage_configs(preset, out, device):
     """The DDPM config and the three stage-2 configs of a preset, writing under out."""
-    dm = train.DMConfig(**train.PRESETS[preset].get("dm", {}))
+    dm = config.DMConfig(**config.PRESETS[preset].get("dm", {}))
     dm.out, dm.device = os.path.join(out, "dm"), device
     stage2 = {}
     for name, overrides in STAGE2.items():
         stage = "disdiff" if name == "disdiff" else "diti"
-        cfg = train.STAGES[stage](**{**train.PRESETS[preset].get(stage, {}), **overrides})
+        cfg = config.STAGES[stage](**{**config.PRESETS[preset].get(stage, {}), **overrides})
         cfg.dm, cfg.out, cfg.device = os.path.join(dm.out, "ckpt.pt"), os.path.join(out, name), device
         stage2[name] = cfg
     return dm, stage2
@@ -85,15 +85,15 @@ def remove_checkpoint(cfg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="quick", help=f"one of {', '.join(train.PRESETS)}")
+    p.add_argument("--preset", default="quick", help=f"one of {', '.join(config.PRESETS)}")
     p.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
     p.add_argument("--fresh", action="store_true", help="retrain every stage")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training and evaluation (default: torch's choice to train, 1 to evaluate)")
     args = p.parse_args(argv)
-    if args.preset not in train.PRESETS:
-        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(train.PRESETS)}")
+    if args.preset not in config.PRESETS:
+        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(config.PRESETS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", args.preset)

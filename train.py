@@ -4,13 +4,11 @@
     python train.py diti  --preset quick --dm runs/quick/dm/ckpt.pt --k 8 --mode base --out runs/quick/diti
     python train.py diti  --preset quick --dm runs/quick/dm/ckpt.pt --k 1 --out runs/quick/pdae   # PDAE
 
-Every config field is a flag (`--batch-size 32`); presets set many at once. Runs resume with --resume.
+Every config field is a flag (`--batch-size 32`; config.py); presets set many at once. Runs resume with --resume.
 Works under `torchrun --nproc_per_node N train.py ...` (gloo on CPU, nccl on CUDA); the global batch stays
 the configured batch and each row of it gets the same t and eps as in one process (see fit).
 """
-import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -18,7 +16,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from datetime import timedelta
 
 import numpy as np
@@ -28,192 +26,10 @@ from tqdm import tqdm
 
 import data
 import diffusion
+from config import STAGES, DiTiConfig, DMConfig, UserError, make_config, unet_config
 from diti import DiTi, Partition, diti_loss, make_partition
 from plots import bar_plot, save_grid
 from unet import UNet, UNetConfig
-
-
-class UserError(Exception):
-    """A problem with the command, its inputs or the machine; shown as one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration: one dataclass per stage, named presets, every field a flag
-
-@dataclass
-class DMConfig:
-    """Stage 1: DDPM pre-training."""
-    data: str = "synthetic"            # synthetic | celeba | folder
-    data_dir: str = ""
-    image_size: int = 32
-    n_train: int = 20000               # synthetic data only
-    fine_loss_time: int = 0            # synthetic, beyond the paper (0 = off): fine factors made stronger, lost at ~t
-    base_channels: int = 32
-    channel_mult: tuple = (1, 2, 2)
-    num_res_blocks: int = 1
-    attn_resolutions: tuple = (8,)
-    dropout: float = 0.0
-    batch_size: int = 64
-    lr: float = 2e-4
-    steps: int = 3000
-    ema_decay: float = 0.999
-    flip: bool = False
-    seed: int = 0
-    out: str = "runs/dm"
-    device: str = "auto"               # auto | cpu | cuda | mps
-    precision: str = "auto"            # auto | fp32 | bf16
-    ckpt_every: int = 500
-    sample_steps: int = 50             # DDIM steps for the sample grid at the end
-
-
-@dataclass
-class DiTiConfig:
-    """Stage 2: DiTi (and PDAE, k = 1) on a frozen DDPM; data and U-Net come from the DDPM checkpoint."""
-    dm: str = ""                       # path of the stage-1 checkpoint
-    k: int = 8
-    z_dim: int = 64
-    partition: str = "uniform"         # uniform | paper | staged | fitted (to the built-in TV curves)
-    stages: tuple = (50, 100, 300, 500, 1000)
-    stage_dims: tuple = (10, 25, 327, 100, 50)
-    mode: str = "base"                 # base | stop_grad
-    encoder_grid: int = 1              # beyond the paper (1 = off): E's last map at least this wide (diti.Encoder)
-    encoder_heads: bool = False        # beyond the paper: one small encoder per subset, no shared trunk (diti.SubsetEncoders)
-    loss_gamma: float = 0.1            # PDAE's gamma in weight_t = SNR_t^gamma / (1 + SNR_t); beyond the paper if not 0.1
-    batch_size: int = 64
-    lr: float = 1e-4
-    steps: int = 2000
-    ema_decay: float = 0.999
-    flip: bool = False
-    seed: int = 0
-    out: str = "runs/diti"
-    device: str = "auto"
-    precision: str = "auto"
-    ckpt_every: int = 500
-
-
-@dataclass
-class DisDiffConfig:
-    """The comparison method DisDiff (SPEC §8; disdiff.py) on a frozen DDPM; data and U-Net come from its checkpoint."""
-    dm: str = ""                       # path of the stage-1 checkpoint
-    factors: int = 6                   # N chunks of z (authors: 6 x 32)
-    z_dim: int = 60                    # divisible by factors
-    dis_lambda: float = 0.05           # lambda of L_dis
-    stabilise: str = "cap"             # none (the authors' form) | clip | cap | clip+cap; measured in disdiff.py
-    w_cap: float = 1.0                 # the cap on w for stabilise cap / clip+cap
-    batch_size: int = 64
-    lr: float = 2.56e-4                # AdamW
-    weight_decay: float = 0.01
-    warmup: int = 200                  # linear lr warm-up steps (authors: 10k)
-    steps: int = 2000
-    ema_decay: float = 0.999
-    flip: bool = False
-    seed: int = 0
-    out: str = "runs/disdiff"
-    device: str = "auto"
-    precision: str = "auto"
-    ckpt_every: int = 500
-
-
-PRESETS = {
-    # 16 px, sized for a 2-core CPU: the whole main job (DDPM, three DiTi/PDAE runs, DisDiff, evaluation) in
-    # about 20 minutes. A 16-px step of this U-Net costs about a seventh of a 32-px step of the default one; the
-    # fine factors stay the first lost (synthetic.py). It shows the pipeline and what such a budget learns; the
-    # claim is tested at `claims`.
-    "quick": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
-                          steps=2000, ema_decay=0.99, ckpt_every=500, sample_steps=20),
-                  diti=dict(batch_size=32, lr=1e-3, steps=600, ema_decay=0.99, ckpt_every=200),
-                  # a DisDiff step runs the decoder on B * (N + 1) rows: a smaller batch keeps its cost near DiTi's
-                  disdiff=dict(batch_size=8, lr=1e-3, steps=600, warmup=60, ema_decay=0.99, ckpt_every=200)),
-    # The budget for the claim (issue 12; claims.py): the quick U-Net at 16 px, a DDPM and a stage 2 several times
-    # longer (SPEC §7.1 saw five of seven factors learned at 2000 DDPM + 4000 stage-2 steps). Sized so that the
-    # two rows that matter most, for two seeds, run in about an hour and a half on one core here.
-    "claims": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
-                           steps=4000, ema_decay=0.995, ckpt_every=500, sample_steps=20),
-                   diti=dict(batch_size=32, lr=1e-3, steps=4000, ema_decay=0.995, ckpt_every=500),
-                   disdiff=dict(batch_size=8, lr=1e-3, steps=4000, warmup=200, ema_decay=0.995, ckpt_every=500)),
-    # A few seconds each: what the tests and the smoke run use.
-    "tiny": dict(dm=dict(n_train=512, base_channels=16, channel_mult=(1, 2), attn_resolutions=(), batch_size=16,
-                         steps=30, ckpt_every=10, sample_steps=5),
-                 diti=dict(k=4, z_dim=16, batch_size=16, steps=30, ckpt_every=10),
-                 disdiff=dict(factors=4, z_dim=16, batch_size=8, warmup=5, steps=20, ckpt_every=10)),
-    # The paper's CelebA-64 scale (SPEC §2-3), for a GPU.
-    "celeba64": dict(dm=dict(data="celeba", image_size=64, base_channels=64, channel_mult=(1, 2, 2, 2),
-                             num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, batch_size=128, lr=1e-4,
-                             steps=300000, ema_decay=0.9999, flip=True, ckpt_every=5000, sample_steps=100),
-                     diti=dict(k=64, z_dim=512, partition="paper", batch_size=128, lr=1e-4, steps=300000,
-                               ema_decay=0.9999, flip=True, ckpt_every=5000),
-                     disdiff=dict(factors=6, z_dim=192, batch_size=128, warmup=10000, steps=300000,
-                                  ema_decay=0.9999, flip=True, ckpt_every=5000)),
-}
-STAGES = {"dm": DMConfig, "diti": DiTiConfig, "disdiff": DisDiffConfig}
-
-
-def parse_value(text, default, name):
-    """Read a flag's text as the type of the field's default."""
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        return type(default)(text)
-    except ValueError:
-        raise UserError(f"--{name.replace('_', '-')} {text!r} is not a valid {type(default).__name__}")
-
-
-def make_config(stage, argv):
-    """Build a stage's config: defaults, then the preset, then each --flag."""
-    cls = STAGES[stage]
-    parser = argparse.ArgumentParser(prog=f"train.py {stage}", description=cls.__doc__)
-
-    def one_line_error(message):                     # argparse would print its usage, then exit 2 itself
-        raise UserError(f"{message}: see python train.py {stage} --help")
-    parser.error = one_line_error
-    parser.add_argument("--preset", default="quick")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    for f in fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(PRESETS)}")
-    cfg = cls(**PRESETS[args.preset].get(stage, {}))
-    for f in fields(cls):
-        text = getattr(args, f.name)
-        if text is not None:
-            setattr(cfg, f.name, parse_value(text, getattr(cfg, f.name), f.name))
-    check_config(cfg)
-    return cfg, args.resume, args.preset
-
-
-COUNTS = ("batch_size", "steps", "ckpt_every", "image_size", "n_train", "base_channels", "num_res_blocks",
-          "sample_steps", "k", "z_dim", "factors")
-
-
-def check_config(cfg):
-    """Reject values no run can use before any work is done (later errors would be tracebacks)."""
-    for name in COUNTS:
-        if getattr(cfg, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"unknown --precision '{cfg.precision}': choose auto, fp32 or bf16")
-    if not 0 <= cfg.ema_decay <= 1:
-        raise UserError(f"--ema-decay must lie in [0, 1], got {cfg.ema_decay}")
-    if not 0 <= getattr(cfg, "fine_loss_time", 0) < 1000:
-        raise UserError(f"--fine-loss-time must be 0 (off) or a time-step below 1000 (below 150 keeps the fine "
-                        f"factors fine), got {cfg.fine_loss_time}")
-    if not 0 <= getattr(cfg, "loss_gamma", 0.1) <= 1:
-        raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
-    if hasattr(cfg, "channel_mult"):
-        levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
-        if not cfg.channel_mult or cfg.image_size % levels:
-            raise UserError(f"--image-size {cfg.image_size} must be divisible by {levels} for --channel-mult "
-                            f"{','.join(map(str, cfg.channel_mult))}")
-
-
-def unet_config(cfg):
-    return UNetConfig(image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mult=cfg.channel_mult,
-                      num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import train
 from diti import DiTi, paper_partition
 from unet import UNet
@@ -40,17 +41,17 @@ def make_celeba(root, n=8):
 
 
 def test_celeba64_preset_is_the_papers_configuration():
-    dm, _, _ = train.make_config("dm", ["--preset", "celeba64"])
-    diti, _, _ = train.make_config("diti", ["--preset", "celeba64"])
+    dm, _, _ = config.make_config("dm", ["--preset", "celeba64"])
+    diti, _, _ = config.make_config("diti", ["--preset", "celeba64"])
     assert (dm.data, dm.image_size, dm.base_channels, dm.channel_mult, dm.num_res_blocks, dm.attn_resolutions,
             dm.dropout, dm.flip) == ("celeba", 64, 64, (1, 2, 2, 2), 2, (16,), 0.1, True)
     # SPEC §2: k = 64, d = 512, the non-uniform stages; batch 128, EMA 0.9999
     assert (diti.k, diti.z_dim, diti.partition, diti.batch_size, diti.ema_decay) == (64, 512, "paper", 128, 0.9999)
-    model = train.build_diti({"unet": vars(train.unet_config(dm))}, diti)
+    model = train.build_diti({"unet": vars(config.unet_config(dm))}, diti)
     assert list(model.partition.ends) == PAPER_ENDS == list(paper_partition().ends)
     # SPEC §3: the 64 x 64 encoder has 1.49M parameters (1,487,104)
     assert sum(p.numel() for p in model.encoder.parameters()) == 1_487_104
-    assert sum(p.numel() for p in UNet(train.unet_config(dm)).parameters()) == 9_593_539
+    assert sum(p.numel() for p in UNet(config.unet_config(dm)).parameters()) == 9_593_539
     assert model.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
 
 

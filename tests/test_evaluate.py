@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import config
 import data
 import diffusion
 import editing
@@ -175,8 +176,8 @@ def test_specificity_of_perfectly_specific_edits_is_one():
 
 def test_main_job_smoke_writes_every_key_for_all_four_methods(tmp_path, monkeypatch):
     # the tiny preset with fewer steps, so the test stays near a minute on a busy 2-core CPU
-    tiny = train.PRESETS["tiny"]
-    monkeypatch.setitem(train.PRESETS, "tiny", dict(dm=dict(tiny["dm"], steps=6, ckpt_every=3),
+    tiny = config.PRESETS["tiny"]
+    monkeypatch.setitem(config.PRESETS, "tiny", dict(dm=dict(tiny["dm"], steps=6, ckpt_every=3),
                                                     diti=dict(tiny["diti"], steps=6, ckpt_every=3),
                                                     disdiff=dict(tiny["disdiff"], steps=6, ckpt_every=3)))
     out = str(tmp_path / "smoke")
@@ -210,12 +211,12 @@ def test_stage_state_resumes_an_unfinished_checkpoint_and_refuses_other_settings
     assert run.stage_state(dm_cfg, "dm") == "unfinished"
     train.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps, config=dataclasses.asdict(dm_cfg)))
     assert run.stage_state(dm_cfg, "dm") == "finished"
-    with pytest.raises(train.UserError, match="base_channels"):
+    with pytest.raises(config.UserError, match="base_channels"):
         run.stage_state(dataclasses.replace(dm_cfg, base_channels=64), "dm")
 
 
 def test_every_training_preset_has_eval_sizes_and_flags_override_them():
-    assert all(evaluate.eval_config(p) for p in train.PRESETS)
+    assert all(evaluate.eval_config(p) for p in config.PRESETS)
     args = SimpleNamespace(**{f.name: None for f in dataclasses.fields(evaluate.EvalConfig)})
     args.manip_scales, args.usage_pairs = "0,0.5,1", "8"
     assert evaluate.parse_overrides(args) == dict(manip_scales=(0.0, 0.5, 1.0), usage_pairs=8)

@@ -4,6 +4,7 @@ gradients point the same way (cosine > 0.99). Also: which precision 'auto' picks
 import pytest
 import torch
 
+import config
 import diffusion
 import train
 from diti import DiTi, diti_loss, uniform_partition
@@ -73,5 +74,5 @@ def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_else_fp32(monkeypat
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.resolve_precision(CPU, "auto") == "bf16"
     assert train.resolve_precision(CPU, "fp32") == "fp32" and train.resolve_precision(CPU, "bf16") == "bf16"
-    with pytest.raises(train.UserError, match="choose auto, fp32 or bf16"):
+    with pytest.raises(config.UserError, match="choose auto, fp32 or bf16"):
         train.resolve_precision(CPU, "fp16")
