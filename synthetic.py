@@ -7,6 +7,7 @@ the edited labels. Geometry is written in 32-pixel units and scaled to the image
 """
 import hashlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -222,19 +223,35 @@ def loss_curves(distances, snr=None):
     return curves.astype(np.float64), loss_times
 
 
+def loss_gain_shares(distances, gamma=0.1, snr=None):
+    """Each factor's share of the stage-2 loss gain that z can earn (an estimate, beyond the paper; it reads the
+    claims grid). Where a factor is lost (weight 1 - TV_t), the DDPM's x0 estimate sits between the pair's two
+    images, so knowing the factor lowers the eps error by about SNR_t ||x0 - x0'||^2 / 4; weighted by PDAE's
+    weight_t (SPEC §2, gamma) and summed over t. distances: (F, P). Returns (F,) shares summing to 1."""
+    snr = diffusion.linear_schedule().snr.double() if snr is None else torch.as_tensor(snr, dtype=torch.float64)
+    d = torch.as_tensor(distances, dtype=torch.float64)[:, None, :]                # (F, 1, P)
+    lost = 1 - tv_distance(snr[None, :, None], d)                                  # (F, T, P)
+    weight = (snr ** gamma / (1 + snr))[None, :, None]
+    gain = (weight * snr[None, :, None] * d ** 2 / 4 * lost).mean(2).sum(1)       # (F,)
+    return (gain / gain.sum()).numpy()
+
+
 def attribute_loss_curves(generator, n_pairs=256, seed=0):
     """SPEC §7 attribute loss: (curves (F, T) median TV over pairs, loss_times (F,) int)."""
     return loss_curves(factor_distances(generator, n_pairs, seed))
 
 
-def factor_table(generator, n_pairs=256, seed=0):
-    """A text table: each factor, its values, median ||x0 - x0'|| and loss time t_f (sorted by t_f)."""
+def factor_table(generator, n_pairs=256, seed=0, gammas=(0.1, 1.0)):
+    """A text table: each factor, its loss time t_f, median ||x0 - x0'||, its share of z's loss gain for each
+    gamma (loss_gain_shares) and its values, sorted by t_f."""
     dist = factor_distances(generator, n_pairs, seed)
     _, loss_times = loss_curves(dist)
-    lines = [f"{'factor':<12} {'t_f':>5} {'||dx||':>7}  values"]
+    shares = [loss_gain_shares(dist, g) for g in gammas]
+    lines = [f"{'factor':<12} {'t_f':>5} {'||dx||':>7} " + " ".join(f"{f'gain g={g}':>10}" for g in gammas) + "  values"]
     for f in np.argsort(loss_times, kind="stable"):
         values = ", ".join(generator.value_names[f])
-        lines.append(f"{generator.factor_names[f]:<12} {loss_times[f]:>5d} {np.median(dist[f]):>7.3f}  {values}")
+        lines.append(f"{generator.factor_names[f]:<12} {loss_times[f]:>5d} {np.median(dist[f]):>7.3f} "
+                     + " ".join(f"{s[f]:>10.3f}" for s in shares) + f"  {values}")
     return "\n".join(lines)
 
 
@@ -284,3 +301,9 @@ def plot_tv_curves(curves, names, path, loss_times=None):
         draw.text((left + pw + 48, ly), f"{names[f]} (t_f={loss_times[f]})", fill="black", font=font, anchor="lm")
     img.save(path)
     return path
+
+
+if __name__ == "__main__":
+    # python synthetic.py [size] [fine_loss_time]: the factor table of the built-in data (16: the quick and claims presets)
+    size, fine = (int(a) for a in sys.argv[1:] + ["32", "0"][len(sys.argv[1:]):])
+    print(factor_table(Synthetic(size, 0, fine_loss_time=fine)))

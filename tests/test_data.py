@@ -137,10 +137,27 @@ def test_every_factor_is_visible_at_other_sizes_with_its_fine_ones_fine(size):
 
 def test_factor_table_and_plot(gen, tmp_path):
     table = data.factor_table(gen, n_pairs=16)
-    assert all(name in table for name in gen.factor_names)
+    assert all(name in table for name in gen.factor_names) and "gain g=0.1" in table
     curves, loss_times = data.attribute_loss_curves(gen, n_pairs=8)
     path = data.plot_tv_curves(curves, gen.factor_names, tmp_path / "tv.png")
     assert Image.open(path).size[0] > 500
+
+
+def test_loss_gain_shares_closed_form():
+    """One factor holds the whole gain; a bigger change at the same time holds more; gamma 1 moves the gain to the
+    factors lost first. Against the sum over t written out for two factors."""
+    snr = diffusion.linear_schedule().snr.double()
+    assert np.allclose(data.loss_gain_shares(np.full((1, 3), 2.0)), [1.0])
+    d = np.array([[0.3, 0.3], [8.0, 8.0]])                       # a fine factor (lost early) and a coarse one
+    expect = []
+    for row in d:
+        lost = 1 - torch.erf(snr.sqrt() * row[0] / (2 * np.sqrt(2)))
+        expect.append(float((snr ** 0.1 / (1 + snr) * snr * row[0] ** 2 / 4 * lost).sum()))
+    assert np.allclose(data.loss_gain_shares(d), np.array(expect) / sum(expect))
+    paper, small_t = data.loss_gain_shares(d, 0.1), data.loss_gain_shares(d, 1.0)
+    assert paper[0] < paper[1] and small_t[0] > paper[0]
+    _, loss_times = data.loss_curves(d)
+    assert loss_times[0] < loss_times[1]
 
 
 # ---- tensors and batches -----------------------------------------------------------------------------------
