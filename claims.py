@@ -4,9 +4,10 @@
     python claims.py --out runs/claims --seeds 0,1,2 --rows stop_grad-uniform-k8,stop_grad-fitted-k8
 
 Grid (SPEC §7, issue 12): mode {base, stop_grad} x partition {uniform, fitted to the factors' TV curves}
-x k {4, 8} x seeds, plus PDAE (k = 1, its z cut into 8 chunks for the maps) and DisDiff (SPEC §8, the comparison:
-its factors are the units), one frozen DDPM per seed shared by every row of that seed. Each finished run is written to claims.json at once, so an interrupted grid
-resumes where it stopped (a half-trained run resumes from its checkpoint). claims.md is the readable table:
+x k {4, 8} x seeds, plus PDAE (k = 1, its z cut into 8 chunks for the maps) and DisDiff (SPEC §8, the
+comparison: its factors are the units), one frozen DDPM per seed shared by every row of that seed. Each finished
+run is written to claims.json at once, so an interrupted grid resumes where it stopped (a half-trained run
+resumes from its checkpoint). claims.md is the readable table:
 mean and spread over seeds of every view's Spearman(home, t_f) over the learned factors, DCI-D, the full-z
 probe per factor and the reconstruction MSE.
 """
