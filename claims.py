@@ -260,6 +260,8 @@ def write_markdown(claims, path):
              "Regenerate (each command resumes; together they give this table):", "",
              *[f"    python claims.py {c}" for c in claims.get("commands", [])], "",
              "Loss times t_f: " + ", ".join(f"{n} {t}" for n, t in claims.get("loss_times", {}).items()), "",
+             "pdae and disdiff are the controls: their units (PDAE's z cut into 8 chunks, DisDiff's factors) have no "
+             "time order, so a Spearman in their rows is what chance gives.", "",
              "Spearman(home, t_f) over the learned factors (full-z probe >= 0.9), mean ± std over the seeds where it "
              "exists (>= 3 learned factors; 'k of n seeds' when not all): [n factors covered; homes min-max].", "",
              "| row | seeds | stage-2 steps x batch | probe | importance | usage | edit | DCI-D | recon MSE |",

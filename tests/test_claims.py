@@ -67,6 +67,7 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     md = open(os.path.join(out, "claims.md")).read()
     assert "| stop_grad-fitted-k4 | 1 | 30 x 16 |" in md and "| disdiff | 1 | 20 x 8 |" in md and "**Answer.**" in md
     assert "**Scope.** 2 of the 10 grid rows, 2 runs over seeds 0;" in md and "Not run: base-uniform-k4" in md
+    assert "pdae and disdiff are the controls" in md
     ckpt = os.path.join(out, "seed0", "stop_grad-fitted-k4", "ckpt.pt")
     mtime = os.path.getmtime(ckpt)
     capsys.readouterr()
