@@ -44,10 +44,9 @@ def row_stage(row):
 
 def row_config(row, preset, seed, out):
     """The stage-2 config of a grid row."""
+    cfg, _, _ = config.make_config(row_stage(row), ["--preset", preset])
     if row == "disdiff":
-        cfg, _, _ = config.make_config("disdiff", ["--preset", preset])
         return dataclasses.replace(cfg, seed=seed, out=out)
-    cfg, _, _ = config.make_config("diti", ["--preset", preset])
     if row == "pdae":
         return dataclasses.replace(cfg, k=1, mode="base", partition="uniform", seed=seed, out=out)
     mode, partition, k = row.split("-")
@@ -143,7 +142,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         cfg = row_config(row, preset, seed, os.path.join(seed_dir, row))
         cfg = dataclasses.replace(cfg, dm=dm_path, **stage2_fields(cfg, overrides))
         kind = row_stage(row)
-        ckpt = train_stage(train.train_disdiff if kind == "disdiff" else train.train_diti, cfg, kind)
+        ckpt = train_stage(train.TRAINERS[kind], cfg, kind)
         classifier = shared_classifier(seed_dir, eval_cfg, dm_cfg)
         os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
         shutil.copy(classifier, os.path.join(cfg.out, "eval", "factor_classifier.pt"))
@@ -189,8 +188,9 @@ def aggregate(claims):
         runs = [r for r in claims["runs"].values() if r["row"] == row]
         if not runs:
             continue
-        entry = dict(seeds=len(runs), steps=runs[0]["steps"], batch_size=runs[0]["batch_size"], dm_steps=runs[0]["dm_steps"],
-                     dci_d=mean_spread([r["dci_d"] for r in runs]), mse=mean_spread([r["mse"] for r in runs]),
+        entry = dict(seeds=len(runs), steps=runs[0]["steps"], batch_size=runs[0]["batch_size"],
+                     dm_steps=runs[0]["dm_steps"], dci_d=mean_spread([r["dci_d"] for r in runs]),
+                     mse=mean_spread([r["mse"] for r in runs]),
                      probe={f: mean_spread([r["probe"][f] for r in runs]) for f in runs[0]["probe"]})
         for view in VIEWS:
             with_rho, factors, lo, hi = covered(runs, view)
@@ -270,7 +270,8 @@ def write_markdown(claims, path):
         cells = [f"{e[v]['rho']} [{e[v]['n_factors']}; {e[v]['homes'][0]:.1f}-{e[v]['homes'][1]:.1f}]"
                  + (f", {e[v]['rho_seeds']} of {e['seeds']} seeds" if e[v]["rho_seeds"] < e["seeds"] else "")
                  if v in e and e[v]["rho"] != "n/a" else "n/a" for v in VIEWS]
-        lines.append(f"| {row} | {e['seeds']} | {e['steps']} x {e['batch_size']} | " + " | ".join(cells) + f" | {e['dci_d']} | {e['mse']} |")
+        lines.append(f"| {row} | {e['seeds']} | {e['steps']} x {e['batch_size']} | " + " | ".join(cells)
+                     + f" | {e['dci_d']} | {e['mse']} |")
     lines += ["", "The same Spearman over every factor with a home (learned or not), mean ± std over seeds:", "",
               "| row | " + " | ".join(VIEWS) + " |", "|---|" + "---|" * len(VIEWS)]
     for row, e in table.items():

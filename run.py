@@ -112,7 +112,7 @@ def main(argv=None):
             remove_checkpoint(cfg)
     for name, cfg in stage2.items():
         kind = "disdiff" if name == "disdiff" else "diti"
-        run_stage(name, cfg, kind, train.train_disdiff if kind == "disdiff" else train.train_diti, seconds)
+        run_stage(name, cfg, kind, train.TRAINERS[kind], seconds)
     run_info = dict(preset=args.preset, train_seconds=seconds, configs=dict(dm=asdict(dm_cfg), **{
         n: asdict(c) for n, c in stage2.items()}))
     with open(run_path, "w") as f:

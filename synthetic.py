@@ -247,7 +247,8 @@ def factor_table(generator, n_pairs=256, seed=0, gammas=(0.1, 1.0)):
     dist = factor_distances(generator, n_pairs, seed)
     _, loss_times = loss_curves(dist)
     shares = [loss_gain_shares(dist, g) for g in gammas]
-    lines = [f"{'factor':<12} {'t_f':>5} {'||dx||':>7} " + " ".join(f"{f'gain g={g}':>10}" for g in gammas) + "  values"]
+    gains = " ".join(f"{f'gain g={g}':>10}" for g in gammas)
+    lines = [f"{'factor':<12} {'t_f':>5} {'||dx||':>7} {gains}  values"]
     for f in np.argsort(loss_times, kind="stable"):
         values = ", ".join(generator.value_names[f])
         lines.append(f"{generator.factor_names[f]:<12} {loss_times[f]:>5d} {np.median(dist[f]):>7.3f} "
@@ -304,6 +305,6 @@ def plot_tv_curves(curves, names, path, loss_times=None):
 
 
 if __name__ == "__main__":
-    # python synthetic.py [size] [fine_loss_time]: the factor table of the built-in data (16: the quick and claims presets)
+    # python synthetic.py [size] [fine_loss_time]: the built-in data's factor table (16 px: quick and claims presets)
     size, fine = (int(a) for a in sys.argv[1:] + ["32", "0"][len(sys.argv[1:]):])
     print(factor_table(Synthetic(size, 0, fine_loss_time=fine)))

@@ -522,12 +522,15 @@ def train_disdiff(cfg, resume=False):
     return run(cfg, resume)
 
 
+TRAINERS = {"dm": train_dm, "diti": train_diti, "disdiff": train_disdiff}     # stage -> its training function
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in STAGES:
         raise UserError(f"say which stage to train: python train.py {{{'|'.join(STAGES)}}} [--preset ...] [--flags]")
     cfg, resume, _ = make_config(argv[0], argv[1:])
-    {"dm": train_dm, "diti": train_diti, "disdiff": train_disdiff}[argv[0]](cfg, resume)
+    TRAINERS[argv[0]](cfg, resume)
 
 
 def cli(entry=None, argv=None):
