@@ -5,9 +5,9 @@ An image is a pure function of its label vector (no hidden noise), so a counterf
 the edited labels. Geometry is written in 32-pixel units and scaled to the image size; colours live in
 [-1, 1]. Granularity = contrast x area: each factor's contrast is one constant below, so it can be tuned.
 """
+import argparse
 import hashlib
 import math
-import sys
 
 import numpy as np
 import torch
@@ -305,6 +305,8 @@ def plot_tv_curves(curves, names, path, loss_times=None):
 
 
 if __name__ == "__main__":
-    # python synthetic.py [size] [fine_loss_time]: the built-in data's factor table (16 px: quick and claims presets)
-    size, fine = (int(a) for a in sys.argv[1:] + ["32", "0"][len(sys.argv[1:]):])
-    print(factor_table(Synthetic(size, 0, fine_loss_time=fine)))
+    p = argparse.ArgumentParser(description="The built-in data's factor table (16 px: the quick and claims presets).")
+    p.add_argument("size", type=int, nargs="?", default=32)
+    p.add_argument("fine_loss_time", type=int, nargs="?", default=0, help="train.py dm --fine-loss-time (0 = off)")
+    a = p.parse_args()
+    print(factor_table(Synthetic(a.size, 0, fine_loss_time=a.fine_loss_time)))
