@@ -24,9 +24,13 @@ import torch
 
 import config
 import data
+import diffusion
 import editing
 import evaluate
+import synthetic
 import train
+from diti import cumulative_mask
+from unet import eps_and_shift
 
 VIEWS = ("probe_map", "importance", "usage", "edit")
 MODES, PARTITIONS, KS = ("base", "stop_grad"), ("uniform", "fitted"), (4, 8)
@@ -321,6 +325,40 @@ def compare(dirs, path, rows=None):
     return path
 
 
+EPS_TIMES = (10, 25, 50, 100, 150, 200, 300, 400, 600, 800)
+
+
+def eps_errors(ckpt_path, n=256, times=EPS_TIMES, seed=5):
+    """Where z can earn its loss (beyond the paper): per t, E||eps - eps_hat(x_t, t)||^2 (summed over pixels, mean
+    over n images of the built-in data, the same x_t for all) of the frozen DDPM, of the DiTi run (its frozen eps
+    + shift with the image's own masked z) and of the exact denoiser E[eps | x_t] (synthetic.ExactDenoiser): the
+    floor of any predictor without z, so DDPM - exact is the DDPM's own error, exact what z can restore."""
+    model, unet, ckpt = train.load_diti(ckpt_path)
+    if ckpt["dm_config"]["data"] != "synthetic":
+        raise config.UserError(f"{ckpt_path} was trained on '{ckpt['dm_config']['data']}': --eps-errors needs the built-in data")
+    exact = unet if isinstance(unet, synthetic.ExactDenoiser) else train.frozen_eps(unet, ckpt["dm_config"], True)
+    gen, sched = train.synthetic_generator(ckpt["dm_config"]), diffusion.linear_schedule()
+    x0 = data.to_tensor(gen.render(gen.sample_labels(n, np.random.default_rng(seed))))
+    errors = {"DDPM": [], "DiTi": [], "exact": []}
+    with torch.no_grad():
+        z = model.encode(x0)
+        for t in times:
+            t_all, eps = torch.full((n,), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            x_t = diffusion.q_sample(sched, x0, t_all, eps)
+            eps_run, G = eps_and_shift(unet, model.decoder, x_t, t_all, z * cumulative_mask(model.partition, t_all))
+            shift = diffusion.shift_coef(sched, t_all).view(-1, 1, 1, 1) * G
+            for name, pred in (("DDPM", exact.unet(x_t, t_all)), ("DiTi", eps_run + shift), ("exact", exact(x_t, t_all))):
+                errors[name].append((eps - pred).pow(2).flatten(1).sum(1).mean().item())
+    return errors
+
+
+def eps_error_table(ckpt_path, errors, times=EPS_TIMES):
+    lines = [f"eps error E||eps - eps_hat||^2 (sum over pixels) by t, {ckpt_path}:", "",
+             "| t | " + " | ".join(map(str, times)) + " |", "|---|" + "---|" * len(times)]
+    lines += [f"| {name} | " + " | ".join(f"{e:.2f}" for e in errs) + " |" for name, errs in errors.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the claims grid and write claims.json / claims.md.")
     p.add_argument("--out", default="runs/claims")
@@ -336,14 +374,26 @@ def main(argv=None):
                    help="beyond the paper: one small encoder per subset, no shared trunk (train.py diti --encoder-heads)")
     p.add_argument("--loss-gamma", type=float, default=None,
                    help="beyond the paper: PDAE's gamma of the stage-2 loss weight (paper 0.1; 1 weights small t most)")
+    p.add_argument("--exact-eps", action="store_true",
+                   help="beyond the paper: the frozen eps_theta replaced by the data's exact E[eps | x_t] (train.py diti --exact-eps)")
+    p.add_argument("--t-max", type=int, default=None,
+                   help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--base-channels", type=int, default=None,
                    help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eps-errors", default=None, metavar="CKPT",
+                   help="print, for a stage-2 checkpoint on the built-in data, the eps error by t of its DDPM, of "
+                        "the run and of the exact denoiser; train nothing")
     p.add_argument("--compare", default=None,
                    help="comma-separated claims folders: write one table of their runs to <out>/compare.md, train nothing")
     a = p.parse_args(argv)
+    if a.eps_errors:
+        if not os.path.isfile(a.eps_errors):
+            raise config.UserError(f"{a.eps_errors} does not exist: pass a stage-2 checkpoint (RUN/ckpt.pt)")
+        print(eps_error_table(a.eps_errors, eps_errors(a.eps_errors)))
+        return
     if a.compare:
         dirs = a.compare.split(",")
         for d in dirs:
@@ -363,7 +413,9 @@ def main(argv=None):
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),
                                   **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
                                   **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
-                                  **(dict(encoder_heads=True) if a.encoder_heads else {})})
+                                  **(dict(encoder_heads=True) if a.encoder_heads else {}),
+                                  **(dict(t_max=a.t_max) if a.t_max else {}),
+                                  **(dict(exact_eps=True) if a.exact_eps else {})})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

@@ -53,6 +53,10 @@ class DiTiConfig:
     encoder_grid: int = 1              # beyond the paper (1 = off): E's last map at least this wide (diti.Encoder)
     encoder_heads: bool = False        # beyond the paper: one small encoder per subset, no shared trunk (diti.SubsetEncoders)
     loss_gamma: float = 0.1            # PDAE's gamma in weight_t = SNR_t^gamma / (1 + SNR_t); beyond the paper if not 0.1
+    exact_eps: bool = False            # beyond the paper, built-in data only: the frozen eps_theta replaced by the
+                                       # exact E[eps | x_t] (synthetic.ExactDenoiser), a perfectly trained DDPM
+    t_max: int = 0                     # beyond the paper (0 = off): stage-2 t drawn from {0..t_max-1} only, a probe
+                                       # of whether the loss can teach the factors lost below t_max (train_diti)
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -178,6 +182,8 @@ def check_config(cfg):
                         f"factors fine), got {cfg.fine_loss_time}")
     if not 0 <= getattr(cfg, "loss_gamma", 0.1) <= 1:
         raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
+    if not 0 <= getattr(cfg, "t_max", 0) <= 1000:
+        raise UserError(f"--t-max must be 0 (off: every t) or a time-step in 1..1000, got {cfg.t_max}")
     if hasattr(cfg, "channel_mult"):
         levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
         if not cfg.channel_mult or cfg.image_size % levels:

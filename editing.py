@@ -50,7 +50,7 @@ def diti_decoder(model, unet, sched):
         S, B = zs.shape[:2]
         x_t = diffusion.q_sample(sched, x0, t, eps)
         h, skips, emb = unet.encode(x_t, t)
-        eps_theta = unet.decode((h, skips, emb))
+        eps_theta = unet.eps_from((h, skips, emb), x_t, t)
         repeat = lambda a: a.repeat(S, *([1] * (a.dim() - 1)))                  # (B, ...) -> (S * B, ...)
         t_all = t.repeat(S)
         c = condition(zs.reshape(S * B, -1), t_all, part)                         # (S * B, d)

@@ -23,8 +23,9 @@ import evaluate
 import train
 from config import UserError
 
-STAGE2 = {"diti": dict(mode="base"), "diti_stop_grad": dict(mode="stop_grad"), "pdae": dict(k=1, mode="base"),
-          "disdiff": dict()}
+# the main job's stage-2 runs: name -> (train.py stage, the fields it sets beyond the preset)
+STAGE2 = {"diti": ("diti", dict(mode="base")), "diti_stop_grad": ("diti", dict(mode="stop_grad")),
+          "pdae": ("diti", dict(k=1, mode="base")), "disdiff": ("disdiff", dict())}
 IGNORED = {"steps", "out", "dm", "device", "precision", "ckpt_every"}   # may change without retraining
 
 
@@ -33,8 +34,7 @@ def stage_configs(preset, out, device):
     dm = config.DMConfig(**config.PRESETS[preset].get("dm", {}))
     dm.out, dm.device = os.path.join(out, "dm"), device
     stage2 = {}
-    for name, overrides in STAGE2.items():
-        stage = "disdiff" if name == "disdiff" else "diti"
+    for name, (stage, overrides) in STAGE2.items():
         cfg = config.STAGES[stage](**{**config.PRESETS[preset].get(stage, {}), **overrides})
         cfg.dm, cfg.out, cfg.device = os.path.join(dm.out, "ckpt.pt"), os.path.join(out, name), device
         stage2[name] = cfg
@@ -111,8 +111,8 @@ def main(argv=None):
         for cfg in stage2.values():         # a changed DDPM invalidates everything trained on it
             remove_checkpoint(cfg)
     for name, cfg in stage2.items():
-        kind = "disdiff" if name == "disdiff" else "diti"
-        run_stage(name, cfg, kind, train.TRAINERS[kind], seconds)
+        stage = STAGE2[name][0]
+        run_stage(name, cfg, stage, train.TRAINERS[stage], seconds)
     run_info = dict(preset=args.preset, train_seconds=seconds, configs=dict(dm=asdict(dm_cfg), **{
         n: asdict(c) for n, c in stage2.items()}))
     with open(run_path, "w") as f:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 import diffusion
+import synthetic
 from config import STAGES, DiTiConfig, DMConfig, UserError, make_config, unet_config
 from diti import DiTi, Partition, diti_loss, make_partition
 from plots import bar_plot, save_grid
@@ -162,6 +163,24 @@ def load_frozen_unet(path, device):
     unet.load_state_dict(ckpt["ema"])
     unet.to(device).eval().requires_grad_(False)
     return unet, ckpt
+
+
+def frozen_eps(unet, dm_config, exact):
+    """The frozen eps_theta of stage 2: the U-Net, or with `exact` (DiTi --exact-eps, beyond the paper) the exact
+    denoiser of the built-in data that the DDPM was trained on, reading G's features from the same U-Net."""
+    if not exact:
+        return unet
+    if dm_config["data"] != "synthetic":
+        raise UserError(f"--exact-eps needs the built-in data (the DDPM was trained on '{dm_config['data']}'): "
+                        f"drop --exact-eps, or pass --dm a DDPM trained on --data synthetic")
+    device = next(unet.parameters()).device
+    return synthetic.ExactDenoiser(unet, synthetic_generator(dm_config)).to(device)
+
+
+def synthetic_generator(dm_config):
+    """The built-in data's renderer for a DDPM config (a dict), as the data loader builds it."""
+    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"],
+                               fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time))
 
 
 def build_diti(dm_ckpt, cfg):
@@ -483,6 +502,7 @@ def train_diti(cfg, resume=False):
         raise UserError("stage 2 needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
+    unet = frozen_eps(unet, dm_cfg, cfg.exact_eps)
     dataset = load_train_split(dm_cfg, rank, world)
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
@@ -493,6 +513,8 @@ def train_diti(cfg, resume=False):
               f"frozen DDPM {cfg.dm}, device {device}, out {cfg.out}")
 
     def loss_fn(model, x0, t, eps):
+        if cfg.t_max:                                     # beyond the paper: t in {0..t_max-1}, uniform up to rounding
+            t = t * cfg.t_max // sched.T
         loss, per_sample, t = diti_loss(model, unet, sched, x0, cfg.mode, t, eps, cfg.loss_gamma)
         return loss, per_sample, t, {}
 
@@ -510,6 +532,7 @@ def load_diti(path, device="cpu"):
     unet = build_unet(ckpt)
     unet_path = ckpt["dm_path"]
     unet, _ = load_frozen_unet(unet_path, device)
+    unet = frozen_eps(unet, ckpt["dm_config"], cfg.exact_eps)
     return model.to(device).eval(), unet, ckpt
 
 

@@ -4,7 +4,7 @@ The U-Net is split in two halves so the frozen encoder half runs once per batch 
 decoder half (eps_theta) and the trainable shift decoder (G):
 
     feats = unet.encode(x_t, t)        # frozen: skip features, bottom activation, time embedding
-    eps   = unet.decode(feats)         # frozen decoder half
+    eps   = unet.decode(feats)         # frozen decoder half (unet.eps_from(feats, x_t, t) in eps_and_shift)
     G     = decoder(feats, z)          # trainable middle + output blocks with AdaGN on z
 """
 import math
@@ -200,6 +200,10 @@ class UNet(nn.Module):
     def decode(self, feats):
         return self.up(*feats)
 
+    def eps_from(self, feats, x, t):
+        """eps_theta from this U-Net's own features (synthetic.ExactDenoiser answers from x and t instead)."""
+        return self.decode(feats)
+
     def forward(self, x, t):
         return self.decode(self.encode(x, t))
 
@@ -226,5 +230,5 @@ def eps_and_shift(unet, decoder, x_t, t, z):
     """One pass giving the frozen eps_theta(x_t, t) (no autograd graph) and the trainable G(x_t, t, z)."""
     with torch.no_grad():
         feats = unet.encode(x_t, t)
-        eps = unet.decode(feats)
+        eps = unet.eps_from(feats, x_t, t)
     return eps, decoder(feats, z)

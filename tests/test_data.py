@@ -161,6 +161,32 @@ def test_loss_gain_shares_closed_form():
 
 
 # ---- tensors and batches -----------------------------------------------------------------------------------
+def test_exact_denoiser_is_the_posterior_mean_summed_over_every_image():
+    """ExactDenoiser (DiTi --exact-eps) sums apart the marks' pixels; it must equal E[eps | x_t] summed over all
+    N images in float64, and at small t, where nothing is lost yet, give back the true noise."""
+    gen = synthetic.Synthetic(8, 0)
+    denoiser = synthetic.ExactDenoiser(torch.nn.Identity(), gen)
+    labels = synthetic.all_labels(gen)
+    assert len(labels) == math.prod(gen.num_values) and len(np.unique(labels, axis=0)) == len(labels)
+    X = torch.from_numpy(gen.render(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1)).double() / 127.5 - 1
+    x0, sched = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:12]], diffusion.linear_schedule()
+    for t in (3, 100, 300, 900):
+        abar, eps = sched.abar[t].double(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t)).double()
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        posterior = (-(x_t[:, None] - abar.sqrt() * X[None]).pow(2).sum(2) / (2 * (1 - abar))).softmax(1)  # (12, N)
+        expected = (x_t - abar.sqrt() * posterior @ X) / (1 - abar).sqrt()
+        got = denoiser(x_t.float().view(12, 3, 8, 8), torch.full((12,), t)).flatten(1).double()
+        assert torch.allclose(got, expected, atol=1e-3), t
+        if t == 3:
+            assert torch.allclose(got, eps, atol=1e-3)
+
+
+def test_exact_denoiser_refuses_a_mark_whose_pixels_other_factors_touch(monkeypatch):
+    monkeypatch.setattr(synthetic, "SEPARATE", ("stripe", "texture"))     # the texture lies on the object
+    with pytest.raises(ValueError, match="texture's pixels are touched by more than the background"):
+        synthetic.ExactDenoiser(torch.nn.Identity(), synthetic.Synthetic(8, 0))
+
+
 def test_to_tensor_and_back():
     u = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
     x = data.to_tensor(u)

@@ -42,6 +42,9 @@ class ZeroKnowledgeUNet:
         x, _, t = feats
         return x / (1 - diffusion.at(self.sched.abar, t, x)).sqrt()
 
+    def eps_from(self, feats, x, t):          # what unet.eps_and_shift and editing call (UNet.eps_from)
+        return self.decode(feats)
+
 
 class ReadsOneSubset(nn.Module):
     """G that reads only dims `dims` of the condition: it takes their mean as the image's constant colour v and

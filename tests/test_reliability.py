@@ -322,6 +322,35 @@ def test_loss_gamma_is_saved_and_checked(env, dm_ckpt, tmp_path):
     assert_user_error(train(env, "diti", *DITI, "--dm", dm_ckpt, "--loss-gamma", 2), "--loss-gamma must lie in [0, 1]")
 
 
+def test_t_max_draws_every_stage2_time_step_below_it(env, dm_ckpt, tmp_path):
+    """--t-max (beyond the paper, a diagnostic) trains only on t < t_max: the checkpoint's loss-by-t histogram
+    (20 buckets of 50 steps, decayed counts) has rows in buckets 0 and 1 and nowhere else for --t-max 100;
+    1001 is refused before any work."""
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, "--steps", 6, "--precision", "fp32", "--t-max", 100,
+                   "--out", tmp_path))
+    counts = torch.load(tmp_path / "ckpt.pt", weights_only=False)["hist"][1]
+    assert (counts[:2] > 0).all() and counts[2:].sum() == 0
+    assert_user_error(train(env, "diti", *DITI, "--dm", dm_ckpt, "--t-max", 1001), "--t-max must be 0")
+
+
+def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt, tmp_path):
+    """--exact-eps (beyond the paper) trains stage 2 on the data's exact E[eps | x_t] and load_diti rebuilds it;
+    a DDPM of other data is refused with the fix named."""
+    import synthetic
+    import train as train_module
+    finished(train(env, "diti", *DITI, "--dm", dm_ckpt, *SHORT, "--exact-eps", "true", "--out", tmp_path))
+    _, unet, ckpt = train_module.load_diti(str(tmp_path / "ckpt.pt"))
+    assert ckpt["config"]["exact_eps"] is True and isinstance(unet, synthetic.ExactDenoiser)
+    with pytest.raises(train_module.UserError, match="--exact-eps needs the built-in data"):
+        train_module.frozen_eps(unet.unet, dict(data="folder"), exact=True)
+    # claims.py --eps-errors: nothing beats the exact denoiser, which at t = 10 knows the image; this run's own
+    # eps is the exact one (its shift is still near 0), the 2-step DDPM's is far off
+    import claims
+    errors = claims.eps_errors(str(tmp_path / "ckpt.pt"), n=16, times=(10, 300))
+    assert all(e <= d for e, d in zip(errors["exact"], errors["DDPM"])) and errors["exact"][0] < 0.01
+    assert errors["DiTi"][0] < 1 < errors["DDPM"][0]
+
+
 def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     """--fine-loss-time changes the data: a DDPM trained without it is not continued with it (nor reused by
     claims.py), and a loss time out of range is refused before any work."""
