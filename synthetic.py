@@ -300,6 +300,7 @@ class ExactDenoiser(torch.nn.Module):
         rest = ~(own[0] | own[1])
         plain = (labels[:, marks] == 0).all(1)                                  # the images without either mark
         self.register_buffer("rest", to_float(images[plain][:, rest]), persistent=False)         # (N / 4, Dr)
+        self.register_buffer("rest_sq", self.rest.pow(2).sum(1), persistent=False)               # ||x0_i||^2
         self.register_buffer("rest_bg", torch.from_numpy(labels[plain, bg]), persistent=False)  # (N / 4,)
         for i, (f, pix) in enumerate(zip(marks, own)):        # (backgrounds, values, Df): the mark's pixels
             index = tuple(slice(None) if a in (bg, f) else 0 for a in range(len(n)))
@@ -323,14 +324,16 @@ class ExactDenoiser(torch.nn.Module):
         abar = self.abar[t][:, None]                                                       # (B, 1)
         flat = x.flatten(1)                                                                # (B, D)
 
-        def log_lik(pixels, images):        # log q(x_t | x0_i) on some pixels, up to a constant per row: (B, M)
-            return (abar.sqrt() * flat[:, pixels] @ images.T - abar / 2 * images.pow(2).sum(1)) / (1 - abar)
+        def log_lik(pixels, images, sq_norms):   # log q(x_t | x0_i) on some pixels, up to a constant per row: (B, M)
+            return (abar.sqrt() * flat[:, pixels] @ images.T - abar / 2 * sq_norms) / (1 - abar)
 
         rest_px, *mark_px = self.pixels
         tables = [self.mark0, self.mark1]
-        marks = [log_lik(px, m.flatten(0, 1)).view(len(x), *m.shape[:2]) for px, m in zip(mark_px, tables)]
+        marks = [log_lik(px, m.flatten(0, 1), m.flatten(0, 1).pow(2).sum(1)).view(len(x), *m.shape[:2])
+                 for px, m in zip(mark_px, tables)]
         # p(the rest of the image | x_t): its own likelihood times each mark's, summed over the mark's values
-        p_rest = (log_lik(rest_px, self.rest) + sum(m.logsumexp(2)[:, self.rest_bg] for m in marks)).softmax(1)
+        rest = log_lik(rest_px, self.rest, self.rest_sq)
+        p_rest = (rest + sum(m.logsumexp(2)[:, self.rest_bg] for m in marks)).softmax(1)
         p_bg = torch.zeros(len(x), tables[0].shape[0], device=x.device).index_add_(1, self.rest_bg, p_rest)
         x0 = torch.empty_like(flat)                                                        # E[x0 | x_t]
         x0[:, rest_px] = p_rest @ self.rest

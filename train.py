@@ -179,8 +179,8 @@ def frozen_eps(unet, dm_config, exact):
 
 def synthetic_generator(dm_config):
     """The built-in data's renderer for a DDPM config (a dict), as the data loader builds it."""
-    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"],
-                               fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time))
+    fine_loss_time = synthetic_options(dm_config)["fine_loss_time"]
+    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"], fine_loss_time=fine_loss_time)
 
 
 def build_diti(dm_ckpt, cfg):
@@ -202,9 +202,7 @@ def tv_curves_for(dm_config):
     """The exact TV_t curves of the built-in data's factors (for the fitted partition)."""
     if dm_config["data"] != "synthetic":
         raise UserError("--partition fitted needs the built-in data's known factors: use uniform, paper or staged")
-    fine_loss_time = synthetic_options(dm_config)["fine_loss_time"]
-    return data.attribute_loss_curves(data.Synthetic(dm_config["image_size"], dm_config["seed"],
-                                                     fine_loss_time=fine_loss_time))[0]
+    return data.attribute_loss_curves(synthetic_generator(dm_config))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
