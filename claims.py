@@ -376,6 +376,8 @@ def main(argv=None):
                    help="beyond the paper: PDAE's gamma of the stage-2 loss weight (paper 0.1; 1 weights small t most)")
     p.add_argument("--exact-eps", action="store_true",
                    help="beyond the paper: the frozen eps_theta replaced by the data's exact E[eps | x_t] (train.py diti --exact-eps)")
+    p.add_argument("--open-z-path", action="store_true",
+                   help="beyond the paper: G's ResBlocks start with their last conv not zero (train.py diti --open-z-path)")
     p.add_argument("--t-max", type=int, default=None,
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -415,7 +417,8 @@ def main(argv=None):
                                   **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
                                   **(dict(encoder_heads=True) if a.encoder_heads else {}),
                                   **(dict(t_max=a.t_max) if a.t_max else {}),
-                                  **(dict(exact_eps=True) if a.exact_eps else {})})
+                                  **(dict(exact_eps=True) if a.exact_eps else {}),
+                                  **(dict(open_z_path=True) if a.open_z_path else {})})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

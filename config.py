@@ -55,6 +55,8 @@ class DiTiConfig:
     loss_gamma: float = 0.1            # PDAE's gamma in weight_t = SNR_t^gamma / (1 + SNR_t); beyond the paper if not 0.1
     exact_eps: bool = False            # beyond the paper, built-in data only: the frozen eps_theta replaced by the
                                        # exact E[eps | x_t] (synthetic.ExactDenoiser), a perfectly trained DDPM
+    open_z_path: bool = False          # beyond the paper: G's ResBlocks start with their last conv not zero, so z
+                                       # reaches G's output from step 0 (unet.ShiftDecoder; G is still 0 at step 0)
     t_max: int = 0                     # beyond the paper (0 = off): stage-2 t drawn from {0..t_max-1} only, a probe
                                        # of whether the loss can teach the factors lost below t_max (train_diti)
     batch_size: int = 64

@@ -195,7 +195,8 @@ def build_diti(dm_ckpt, cfg):
                                   tv_curves=tv_curves_for(dm_ckpt["config"]) if cfg.partition == "fitted" else None)
         except ValueError as e:
             raise UserError(str(e))
-    return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads)
+    return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads,
+                open_z_path=cfg.open_z_path)
 
 
 def tv_curves_for(dm_config):

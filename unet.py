@@ -211,13 +211,21 @@ class UNet(nn.Module):
 class ShiftDecoder(nn.Module):
     """G(x_t, t, z) of SPEC §3: trainable middle/output blocks over the frozen encoder half's features.
     z enters as e_z = Linear(z); `emb_offset` (B, emb_dim) is added to the time embedding (DisDiff's factor
-    embedding). The output conv is zero-initialised, so G = 0 at step 0."""
+    embedding). The output conv is zero-initialised, so G = 0 at step 0.
+    open_z_path (beyond the paper, off by default): the ResBlocks' last convs start at PyTorch's default init
+    instead of zero. Zero-initialised, z reaches the output conv through nothing at step 0, so the output conv
+    first learns only from what the residual shares with x_t alone; if it shares nothing (an exact eps_theta),
+    every gradient is zero in expectation and G stays at that saddle. Open, the output conv sees z at once."""
 
-    def __init__(self, cfg, z_dim):
+    def __init__(self, cfg, z_dim, open_z_path=False):
         super().__init__()
         emb_dim = 4 * cfg.base_channels
         self.z_embed = nn.Linear(z_dim, emb_dim)
         self.up = DecoderHalf(cfg, cond_dim=emb_dim)
+        if open_z_path:
+            for block in self.up.modules():
+                if isinstance(block, ResBlock):
+                    block.conv2.reset_parameters()
 
     def forward(self, feats, z, emb_offset=None):
         h, skips, emb = feats

@@ -374,3 +374,16 @@ def test_claims_does_not_reuse_a_ddpm_of_another_width(dm_ckpt, tmp_path):
     wide, _, _ = train_module.make_config("dm", [*map(str, DM), "--base-channels", "16", "--out", str(tmp_path)])
     with pytest.raises(train_module.UserError, match="trained with another U-Net.*base_channels: 8 -> 16"):
         claims.finished(wide, "dm")
+
+
+def test_open_z_path_option_reaches_the_shift_decoder(dm_ckpt):
+    """--open-z-path (beyond the paper): build_diti gives G's ResBlocks a non-zero last conv; off, every one is zero."""
+    import train as train_module
+    from config import DiTiConfig
+    from unet import ResBlock
+    ckpt = torch.load(dm_ckpt, weights_only=False)
+    for open_z_path in (False, True):
+        model = train_module.build_diti(ckpt, DiTiConfig(open_z_path=open_z_path))
+        blocks = [m for m in model.decoder.modules() if isinstance(m, ResBlock)]
+        assert blocks and all(bool(b.conv2.weight.abs().sum() > 0) == open_z_path for b in blocks)
+        assert model.decoder.up.out[-1].weight.abs().sum() == 0          # G = 0 at step 0 either way

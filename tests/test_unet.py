@@ -73,3 +73,23 @@ def test_unet_sees_time():
     unet = perturb(UNet(cfg))
     x = torch.randn(1, 3, 16, 16)
     assert (unet(x, torch.tensor([1])) - unet(x, torch.tensor([900]))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("open_z_path", [False, True])
+def test_output_conv_gradient_sees_z_at_step_0_only_with_the_open_z_path(open_z_path):
+    """The saddle ShiftDecoder's docstring names: with zero-initialised ResBlock convs, the output conv's first
+    gradient is the same whatever z is (so a residual that x_t alone cannot predict teaches G nothing);
+    --open-z-path makes it depend on z. G = 0 at step 0 either way."""
+    cfg = CONFIGS[0]
+    torch.manual_seed(0)
+    unet, dec = UNet(cfg).requires_grad_(False), ShiftDecoder(cfg, z_dim=4, open_z_path=open_z_path)
+    x, t, residual = torch.randn(2, 3, 16, 16), torch.tensor([100, 600]), torch.randn(2, 3, 16, 16)
+    grads = []
+    for z in (torch.zeros(2, 4), 3 * torch.randn(2, 4)):
+        dec.zero_grad()
+        _, G = eps_and_shift(unet, dec, x, t, z)
+        assert G.abs().max().item() == 0.0
+        (G * residual).sum().backward()
+        grads.append(dec.up.out[-1].weight.grad.clone())
+    differ = (grads[0] - grads[1]).abs().max().item()
+    assert (differ > 1e-3) if open_z_path else (differ == 0.0)
