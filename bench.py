@@ -162,12 +162,12 @@ class Setting:
         return torch.compile(fn) if self.compiled else fn
 
     def train_step(self, module, loss_of, opt):
-        import train
+        import runtime
         loss_of = self.wrap(loss_of)
 
         def step():
             module.train()
-            with train.autocast(self.device, self.precision):
+            with runtime.autocast(self.device, self.precision):
                 loss = loss_of()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -179,6 +179,7 @@ class Setting:
         import torch
         import diffusion
         import train
+        import runtime
         from diti import cumulative_mask, diti_loss
         from unet import UNet, eps_and_shift
         x0, t, eps, sched = self.x0, self.t, self.eps, self.sched
@@ -203,7 +204,7 @@ class Setting:
             return self.train_step(model, lambda: disdiff_step(model, unet, sched, x0), opt)
         model, unet = self.diti_model(), self.frozen_unet()
         encoder = self.once("encoder", lambda: self.wrap(model.encoder))
-        cast = lambda: train.autocast(self.device, self.precision)
+        cast = lambda: runtime.autocast(self.device, self.precision)
         if name == "encode":
             def step():
                 model.eval()
@@ -230,10 +231,10 @@ def worker(spec):
     each call that might crash the process, a record per failed or skipped job as it happens, and the timed
     records at the end."""
     import torch
-    import train
+    import runtime
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
-    device = train.pick_device(spec["device"])
+    device = runtime.pick_device(spec["device"])
     emit = lambda rec: print(TAG + json.dumps(rec), flush=True)
     log = lambda text: print(f"  {spec['preset']} {text}", file=sys.stderr, flush=True)
     jobs, settings = [], {}
@@ -387,16 +388,16 @@ def main(argv=None):
         return worker(json.loads(a.worker))
 
     import torch
-    import train
+    import runtime
     try:
-        device = train.pick_device(a.device)
+        device = runtime.pick_device(a.device)
     except config.UserError as e:
         raise SystemExit(f"error: {e}")
     presets, ops = [s for s in a.presets.split(",") if s], [s for s in a.ops.split(",") if s]
     bad = [s for s in presets if s not in config.PRESETS] + [o for o in ops if o not in OPS]
     if bad:
         raise SystemExit(f"error: unknown preset or op {bad}: presets {', '.join(config.PRESETS)}; ops {', '.join(OPS)}")
-    auto = train.resolve_precision(device, "auto")
+    auto = runtime.resolve_precision(device, "auto")
     precisions = ["fp32", "bf16"] if a.all else [auto if s == "auto" else s for s in a.precision.split(",")]
     if any(s not in ("fp32", "bf16") for s in precisions):
         raise SystemExit(f"error: --precision takes fp32, bf16, auto or a comma list of them, got {a.precision}")

@@ -24,13 +24,10 @@ import torch
 
 import config
 import data
-import diffusion
 import editing
 import evaluate
-import synthetic
+import gains
 import train
-from diti import cumulative_mask
-from unet import eps_and_shift
 
 VIEWS = ("probe_map", "importance", "usage", "edit")
 MODES, PARTITIONS, KS = ("base", "stop_grad"), ("uniform", "fitted"), (4, 8)
@@ -325,40 +322,6 @@ def compare(dirs, path, rows=None):
     return path
 
 
-EPS_TIMES = (10, 25, 50, 100, 150, 200, 300, 400, 600, 800)
-
-
-def eps_errors(ckpt_path, n=256, times=EPS_TIMES, seed=5):
-    """Where z can earn its loss (beyond the paper): per t, E||eps - eps_hat(x_t, t)||^2 (summed over pixels, mean
-    over n images of the built-in data, the same x_t for all) of the frozen DDPM, of the DiTi run (its frozen eps
-    + shift with the image's own masked z) and of the exact denoiser E[eps | x_t] (synthetic.ExactDenoiser): the
-    floor of any predictor without z, so DDPM - exact is the DDPM's own error, exact what z can restore."""
-    model, unet, ckpt = train.load_diti(ckpt_path)
-    if ckpt["dm_config"]["data"] != "synthetic":
-        raise config.UserError(f"{ckpt_path} was trained on '{ckpt['dm_config']['data']}': --eps-errors needs the built-in data")
-    exact = unet if isinstance(unet, synthetic.ExactDenoiser) else train.frozen_eps(unet, ckpt["dm_config"], True)
-    gen, sched = train.synthetic_generator(ckpt["dm_config"]), diffusion.linear_schedule()
-    x0 = data.to_tensor(gen.render(gen.sample_labels(n, np.random.default_rng(seed))))
-    errors = {"DDPM": [], "DiTi": [], "exact": []}
-    with torch.no_grad():
-        z = model.encode(x0)
-        for t in times:
-            t_all, eps = torch.full((n,), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
-            x_t = diffusion.q_sample(sched, x0, t_all, eps)
-            eps_run, G = eps_and_shift(unet, model.decoder, x_t, t_all, z * cumulative_mask(model.partition, t_all))
-            shift = diffusion.shift_coef(sched, t_all).view(-1, 1, 1, 1) * G
-            for name, pred in (("DDPM", exact.unet(x_t, t_all)), ("DiTi", eps_run + shift), ("exact", exact(x_t, t_all))):
-                errors[name].append((eps - pred).pow(2).flatten(1).sum(1).mean().item())
-    return errors
-
-
-def eps_error_table(ckpt_path, errors, times=EPS_TIMES):
-    lines = [f"eps error E||eps - eps_hat||^2 (sum over pixels) by t, {ckpt_path}:", "",
-             "| t | " + " | ".join(map(str, times)) + " |", "|---|" + "---|" * len(times)]
-    lines += [f"| {name} | " + " | ".join(f"{e:.2f}" for e in errs) + " |" for name, errs in errors.items()]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the claims grid and write claims.json / claims.md.")
     p.add_argument("--out", default="runs/claims")
@@ -394,7 +357,7 @@ def main(argv=None):
     if a.eps_errors:
         if not os.path.isfile(a.eps_errors):
             raise config.UserError(f"{a.eps_errors} does not exist: pass a stage-2 checkpoint (RUN/ckpt.pt)")
-        print(eps_error_table(a.eps_errors, eps_errors(a.eps_errors)))
+        print(gains.eps_error_table(a.eps_errors, gains.eps_errors(a.eps_errors)))
         return
     if a.compare:
         dirs = a.compare.split(",")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import config
+import runtime
 from diffusion import at, ddim_invert, ddim_sample, linear_schedule, pdae_weight, predict_x0, q_sample, shift_coef
 from diti import Encoder
 from unet import ShiftDecoder
@@ -249,8 +250,8 @@ def warmup_lr(cfg):
 
 def train_disdiff(cfg, resume=False):
     import train
-    device = train.pick_device(cfg.device)
-    rank, world = train.dist_setup(cfg.device)
+    device = runtime.pick_device(cfg.device)
+    rank, world = runtime.dist_setup(cfg.device)
     train.seed_everything(cfg.seed + rank)
     if cfg.stabilise not in STABILISE:
         raise config.UserError(f"unknown --stabilise '{cfg.stabilise}': choose one of {', '.join(STABILISE)}")

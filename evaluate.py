@@ -30,6 +30,7 @@ import diffusion
 import editing
 import metrics
 import report
+import runtime
 import train
 from diti import uniform_partition
 from editing import timed
@@ -405,7 +406,7 @@ def evaluate(checkpoints, out_dir, preset="quick", cfg=None, units=None, extra=N
     cfg = cfg or eval_config(preset)
     if not checkpoints:
         raise config.UserError("no checkpoints to evaluate: train first (python run.py) or pass --ckpt")
-    device = train.pick_device(cfg.device)
+    device = runtime.pick_device(cfg.device)
     fig_dir = os.path.join(out_dir, "eval")
     os.makedirs(fig_dir, exist_ok=True)
     units = units or default_units(checkpoints, preset)

@@ -6,6 +6,7 @@ import torch
 
 import config
 import diffusion
+import runtime
 import train
 from diti import DiTi, diti_loss, uniform_partition
 from unet import UNet, UNetConfig
@@ -34,7 +35,7 @@ def batch(B=8):
 
 def loss_and_grad(model, loss_fn, precision):
     model.zero_grad(set_to_none=True)
-    with train.autocast(CPU, precision):
+    with runtime.autocast(CPU, precision):
         loss = loss_fn()
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -67,12 +68,12 @@ def test_bf16_diti_step_matches_fp32_loss_within_2e_2_and_gradient_cosine_above_
 
 
 def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_else_fp32(monkeypatch):
-    assert train.resolve_precision(torch.device("cuda"), "auto") == "bf16"
-    assert train.resolve_precision(torch.device("mps"), "auto") == "fp32"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.resolve_precision(CPU, "auto") == "fp32"       # bench.py: bf16 ran ~3x slower there
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.resolve_precision(CPU, "auto") == "bf16"
-    assert train.resolve_precision(CPU, "fp32") == "fp32" and train.resolve_precision(CPU, "bf16") == "bf16"
+    assert runtime.resolve_precision(torch.device("cuda"), "auto") == "bf16"
+    assert runtime.resolve_precision(torch.device("mps"), "auto") == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision(CPU, "auto") == "fp32"       # bench.py: bf16 ran ~3x slower there
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision(CPU, "auto") == "bf16"
+    assert runtime.resolve_precision(CPU, "fp32") == "fp32" and runtime.resolve_precision(CPU, "bf16") == "bf16"
     with pytest.raises(config.UserError, match="choose auto, fp32 or bf16"):
-        train.resolve_precision(CPU, "fp16")
+        runtime.resolve_precision(CPU, "fp16")

@@ -345,8 +345,8 @@ def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt,
         train_module.frozen_eps(unet.unet, dict(data="folder"), exact=True)
     # claims.py --eps-errors: nothing beats the exact denoiser, which at t = 10 knows the image; this run's own
     # eps is the exact one (its shift is still near 0), the 2-step DDPM's is far off
-    import claims
-    errors = claims.eps_errors(str(tmp_path / "ckpt.pt"), n=16, times=(10, 300))
+    import gains
+    errors = gains.eps_errors(str(tmp_path / "ckpt.pt"), n=16, times=(10, 300))
     assert all(e <= d for e, d in zip(errors["exact"], errors["DDPM"])) and errors["exact"][0] < 0.01
     assert errors["DiTi"][0] < 1 < errors["DDPM"][0]
 

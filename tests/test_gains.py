@@ -1,0 +1,52 @@
+"""gains.py: what the DiTi loss pays for each factor under the exact denoiser (beyond the paper; issue 12)."""
+import numpy as np
+import torch
+
+import diffusion
+import gains
+import synthetic
+
+
+def test_exact_term_is_the_exact_denoisers_weighted_eps_error_and_knowing_every_factor_earns_all_of_it():
+    """At 8 px: the `exact` term equals weight_t E||eps - E[eps | x_t]||^2 from synthetic.ExactDenoiser (a separate
+    implementation) on the same x_t; conditioning on all factors (the image itself) removes exactly that much;
+    one factor removes less; and at t = 3, where x_t still shows every factor, nothing is left to earn."""
+    gen = synthetic.Synthetic(8, 0)
+    every = tuple(range(len(gen.factor_names)))
+    times = (3, 150, 600)
+    r = gains.factor_gains(gen, n=16, times=times, seed=1, chunk=8, groups=[every, (0,), (8,)])
+    labels = synthetic.all_labels(gen)
+    pick = np.random.default_rng(1).choice(len(labels), 16, replace=False)
+    x0 = torch.from_numpy(gen.render(labels[pick]).transpose(0, 3, 1, 2)).float() / 127.5 - 1
+    denoiser, sched = synthetic.ExactDenoiser(torch.nn.Identity(), gen), diffusion.linear_schedule()
+    for j, t in enumerate(times):
+        eps = torch.randn(16, x0[0].numel(), generator=torch.Generator().manual_seed(t)).double()
+        abar = sched.abar[t].double()
+        x_t = (abar.sqrt() * x0.flatten(1).double() + (1 - abar).sqrt() * eps).float().view_as(x0)
+        err = (eps.float() - denoiser(x_t, torch.full((16,), t)).flatten(1)).pow(2).sum(1).mean()
+        want = diffusion.pdae_weight(sched, torch.tensor([t])).item() * err.item()
+        assert abs(r["exact"][j] - want) <= 0.02 * want + 1e-4, (t, r["exact"][j], want)
+        assert abs(r["gain"][0, j] - r["exact"][j]) <= 1e-3 * r["exact"][j] + 1e-6
+        assert r["gain"][1, j] <= r["exact"][j] + 1e-6 and r["gain"][2, j] <= r["exact"][j] + 1e-6
+    assert r["exact"][0] < 1e-3 and r["gain"][1:, 0].max() < 1e-3
+    assert r["gain"][1, 2] > r["gain"][2, 2]        # at t = 600 the background (t_f 666) earns more than the texture
+
+
+def test_gains_table_lists_every_factor_coarse_first_with_its_share():
+    gen = synthetic.Synthetic(8, 0)
+    F = len(gen.factor_names)
+    result = dict(t=[0, 50, 100], exact=np.array([0.0, 1.0, 2.0]), gain=np.tile([0.0, 0.5, 0.25], (F, 1)))
+    loss_times = list(range(100, 100 + 10 * F, 10))
+    table = gains.gains_table(gen, result, loss_times, shown=(50, 100))
+    rows = table.splitlines()[2:-3]
+    assert [r.split(" (")[0].strip("| ") for r in rows] == gen.factor_names[::-1]
+    # gain 0.5 at t = 50 and 0.25 at t = 100: peak 50, mean t (0.5 * 50 + 0.25 * 100) / 0.75 = 66.7, share 0.25 / 1
+    assert rows[0].endswith("| 50 | 67 | 25.00 % |") and "| 0.5000 | 0.2500 |" in rows[0]
+    assert table.splitlines()[-1].startswith(f"Spearman(mean t, t_f) over all {F} factors:")
+
+
+def test_command_line_prints_the_table(capsys):
+    gains.main(["--size", "8", "--n", "4"])
+    out = capsys.readouterr().out
+    assert "| background (" in out and "| exact (knowing x0) |" in out and out.count("\n|") == 13
+    assert "Spearman(mean t, t_f) over all 10 factors" in out
