@@ -40,10 +40,10 @@ def factor_gains(generator, n=128, times=TIMES, gamma=0.1, seed=0, chunk=32, gro
     knowing each group of factors (default: each factor alone) removes of it; per image, summed over pixels,
     mean over n images drawn from the data (the same x_t for exact and every group)."""
     groups = [(f,) for f in range(len(generator.factor_names))] if groups is None else groups
-    labels = synthetic.all_labels(generator)
-    images = torch.from_numpy(generator.render(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1))
-    X = images.float() / 127.5 - 1                                                     # (N, D)
-    sq = X.double().pow(2).sum(1)
+    labels, images = synthetic.all_images(generator)
+    X = torch.from_numpy(images).float() / 127.5 - 1                                   # (N, D)
+    X64 = X.double()
+    sq = X64.pow(2).sum(1)
     pick = np.random.default_rng(seed).choice(len(labels), n, replace=False)
     sched, lab = diffusion.linear_schedule(), torch.from_numpy(labels)
     exact, gain = np.zeros(len(times)), np.zeros((len(groups), len(times)))
@@ -53,9 +53,9 @@ def factor_gains(generator, n=128, times=TIMES, gamma=0.1, seed=0, chunk=32, gro
         eps = torch.randn(n, X.shape[1], generator=torch.Generator().manual_seed(t)).double()
         for start in range(0, n, chunk):
             rows = pick[start:start + chunk]
-            x0 = X[rows].double()
+            x0 = X64[rows]
             x_t = abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps[start:start + chunk]
-            p = ((abar ** 0.5 * x_t @ X.double().T - abar / 2 * sq) / (1 - abar)).softmax(1).float()  # (B, N)
+            p = ((abar ** 0.5 * x_t @ X64.T - abar / 2 * sq) / (1 - abar)).softmax(1).float()        # (B, N)
             mean = p @ X                                                               # E[x0 | x_t]
             exact[j] += weight * snr * (x0.float() - mean).pow(2).sum().item()
             for g, factors in enumerate(groups):                                        # images with x0's values

@@ -266,6 +266,12 @@ def all_labels(generator):
     return np.stack([g.ravel() for g in grids], 1).astype(np.int64)
 
 
+def all_images(generator):
+    """Every image of the data and its labels: ((N, F) labels as all_labels, (N, D) uint8 flattened C, H, W)."""
+    labels = all_labels(generator)
+    return labels, generator.render(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1)
+
+
 def pixels_of(grid, axis):
     """Which of the D pixel values (grid (..., D), one axis per factor) change with the factor on `axis`."""
     return np.any(grid != np.take(grid, [0], axis=axis), axis=tuple(range(grid.ndim - 1)))
@@ -286,8 +292,7 @@ class ExactDenoiser(torch.nn.Module):
         super().__init__()
         self.unet, self.rows = unet, rows
         n, names = generator.num_values, generator.factor_names
-        labels = all_labels(generator)
-        images = generator.render(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1)   # (N, D) uint8
+        labels, images = all_images(generator)                                             # (N, D) uint8
         grid = images.reshape(*n, -1)                                                      # an axis per factor
         bg, marks = names.index("background"), [names.index(f) for f in SEPARATE]
         own = [pixels_of(grid, f) for f in marks]                                          # (D,) bool each
