@@ -9,7 +9,6 @@ import torch.distributed as dist
 from config import UserError
 
 
-
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
