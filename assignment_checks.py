@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
 import config
 import data
 import diffusion
 import editing
-import metrics
+import probes
 import synthetic
 import train
 from diti import (condition, cumulative_mask, diti_loss, fitted_partition, paper_partition, shifted_eps_fn,
@@ -113,7 +114,7 @@ def trained(stage, name, fields, retrain=False):
     it is complete, else trained (from scratch) here."""
     cfg = config.STAGES[stage](**fields, out=str(RUNS / name))
     path = Path(cfg.out) / "ckpt.pt"
-    if path.exists() and not retrain and train.load_checkpoint(str(path), kind=stage)["step"] >= cfg.steps:
+    if path.exists() and not retrain and checkpoint.load_checkpoint(str(path), kind=stage)["step"] >= cfg.steps:
         return str(path)
     if path.exists():
         path.unlink()
@@ -156,7 +157,7 @@ def encode(model, images, batch_size=500):
 def full_z_probe(model, ds, n_train=2000, n_test=1000):
     """Rescaled held-out accuracy (chance 0, perfect 1) of one linear probe on all of z, per factor."""
     z_train, z_test = encode(model, ds["train"].images[:n_train]), encode(model, ds["test"].images[:n_test])
-    result = metrics.fit_probe(z_train, ds["train"].labels[:n_train], None, None, z_test,
+    result = probes.fit_probe(z_train, ds["train"].labels[:n_train], None, None, z_test,
                                ds["test"].labels[:n_test], "multiclass", num_values=ds["train"].num_values)
     return result["rescaled"]
 
@@ -257,8 +258,8 @@ def check_few_shot(seed, fresh, shots=(5, 10, 20, 50), runs=10):
     for factor in ("background", "x_position", "hue"):
         f = ds["train"].factor_names.index(factor)
         dims = np.flatnonzero(cumulative_mask(part, torch.tensor([int(loss_times[f])]))[0].numpy())
-        full = metrics.few_shot(z_train, y_train, z_test, y_test, f, shots, runs, seed=seed)
-        early = metrics.few_shot(z_train, y_train, z_test, y_test, f, shots, runs, dims=dims, seed=seed)
+        full = probes.few_shot(z_train, y_train, z_test, y_test, f, shots, runs, seed=seed)
+        early = probes.few_shot(z_train, y_train, z_test, y_test, f, shots, runs, dims=dims, seed=seed)
         print(f"{factor:<12} {loss_times[f]:>4d} {len(dims):>5d}  "
               + "  ".join(f"{full[n][0]:>8.3f} / {early[n][0]:.3f}" for n in shots))
 

@@ -24,8 +24,6 @@ backward segfault on the torch 2.13 CPU build) is recorded as crashed and the re
 failed torch.compile is recorded with its reason. Neither stops the benchmark.
 """
 import argparse
-import config
-import ctypes
 import itertools
 import json
 import os
@@ -33,70 +31,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
-import time
+
+import config
 
 OPS = ("ddpm", "diti", "disdiff", "encode", "ddim")
 OP_NAMES = {"ddpm": "DDPM step", "diti": "DiTi step", "disdiff": "DisDiff step", "encode": "encoder z = E(x0)",
             "ddim": "DDIM invert+decode"}
 TAG = "@@bench "
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measuring (in the worker subprocess)
-
-class PeakRSS:
-    """Peak resident set size above that at start, sampled every millisecond in a thread (Linux /proc)."""
-    ok = os.path.exists("/proc/self/statm")
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self):
-        if self.ok:
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)          # freed heap back to the OS: a clean baseline
-            except (OSError, AttributeError):
-                pass
-            self.start = self.peak = self.rss()
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self.sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def sample(self):
-        while not self.stop.wait(0.001):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        if self.ok:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.peak, self.rss())
-
-    def mb(self):
-        return (self.peak - self.start) / 2 ** 20 if self.ok else None
-
-
-def timed_call(fn, device):
-    """(seconds, peak MB) of one call."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        tick = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - tick, torch.cuda.max_memory_allocated(device) / 2 ** 20
-    with PeakRSS() as rss:
-        tick = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - tick
-    return seconds, rss.mb()
 
 
 def preset_configs(preset):
@@ -256,7 +197,7 @@ def worker(spec):
             step, params = settings[s["label"]].op(op, spec["ddim_steps"])
             n_warm = 0 if op == "ddim" else spec["warmup"]        # a DDIM call is 2 x ddim_steps network passes
             n_warm = max(n_warm, 1) if s["compile"] else n_warm   # the first call compiles
-            warmup = [timed_call(step, device)[0] for _ in range(n_warm)]
+            warmup = [runtime.timed_call(step, device)[0] for _ in range(n_warm)]
         except Skip as e:
             emit(dict(key=key, status="skipped", reason=str(e)))
             log(f"{s['label']} {op}: skipped: {e}")
@@ -274,7 +215,7 @@ def worker(spec):
         for job in jobs:
             if round_ < job["iters"]:
                 emit({"at": job["key"]})
-                seconds, peak = timed_call(job["step"], device)
+                seconds, peak = runtime.timed_call(job["step"], device)
                 job["times_s"].append(seconds)
                 job["peak"].append(peak)
         log(f"round {round_ + 1}: " + ", ".join(f"{j['key'].split('|')[1]} {j['key'].split('|')[0]} "

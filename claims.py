@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+import checkpoint
 import config
 import data
 import editing
@@ -60,10 +61,10 @@ def finished(cfg, kind):
     path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(path):
         return False
-    ck = train.load_checkpoint(path, kind)
-    train.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused,
+    ck = checkpoint.load_checkpoint(path, kind)
+    checkpoint.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused,
     if kind == "dm":                              # nor one of another width
-        train.check_same_model(ck, dict(unet=dataclasses.asdict(config.unet_config(cfg))), path)
+        checkpoint.check_same_model(ck, dict(unet=dataclasses.asdict(config.unet_config(cfg))), path)
     return ck["step"] >= cfg.steps
 
 
@@ -139,7 +140,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         dm_cfg, _, _ = config.make_config("dm", ["--preset", preset] + overrides.get("dm", []))
         dm_cfg = dataclasses.replace(dm_cfg, seed=seed, out=os.path.join(seed_dir, "dm"))
         dm_path = train_stage(train.train_dm, dm_cfg, "dm")
-        eval_cfg = evaluate.eval_config(eval_preset, seed=seed)
+        eval_cfg = config.eval_config(eval_preset, seed=seed)
         cfg = row_config(row, preset, seed, os.path.join(seed_dir, row))
         cfg = dataclasses.replace(cfg, dm=dm_path, **stage2_fields(cfg, overrides))
         kind = row_stage(row)

@@ -5,7 +5,7 @@
 Bad values are refused here, in one line (UserError), before any work is done.
 """
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from unet import UNetConfig
 
@@ -126,6 +126,60 @@ PRESETS = {
                                   ema_decay=0.9999, flip=True, ckpt_every=5000)),
 }
 STAGES = {"dm": DMConfig, "diti": DiTiConfig, "disdiff": DisDiffConfig}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation (evaluate.py): the sizes of every view, with presets matching PRESETS
+
+@dataclass
+class EvalConfig:
+    n_probe_train: int = 5000          # train images encoded for the probes
+    n_test: int = 2000                 # test images encoded for the probes
+    batch_size: int = 256              # images per encoder / decoder pass
+    probe_epochs: int = 15             # full-z probe (SPEC §5: 15 epochs, Adam 1e-3, batch 128)
+    unit_probe_epochs: int = 5         # one probe per unit (probes.probe_per_unit)
+    sparse_l1: float = 0.01            # importance view and DCI (probes.fit_sparse_probe)
+    sparse_steps: int = 200
+    usage_pairs: int = 3               # pairs per factor and t range for the usage view
+    ddim_steps: int = 10               # DDIM steps for inversion and every decode
+    edit_pairs: int = 16               # test pairs for reconstruction and edit specificity
+    classifier_steps: int = 300        # the factor classifier of the edit view
+    cf_pairs: int = 2                  # counterfactual pairs drawn
+    cf_alphas: int = 5
+    cf_slerp: bool = False             # x_T = slerp(x_T1, x_T2, alpha) instead of x_T1
+    manip_factor: str = "hue"
+    manip_value: int = 1
+    manip_images: int = 2
+    manip_scales: tuple = (0.0, 0.25, 0.5, 1.0)
+    shots: tuple = (5, 10, 20, 50)     # SPEC §5 few-shot
+    few_shot_runs: int = 10
+    fine_t: int = 150                  # fine factors: t_f below this
+    early_fraction: float = 0.25       # few-shot "early subsets": this first fraction of the units
+    learned: float = 0.9               # a factor is learned when its full-z probe (rescaled) reaches this
+    ordering_rho: float = 0.8          # "the ordering appears" when Spearman over learned factors reaches this
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1                   # torch threads on CPU (on a busy 2-core machine, 2 threads made the
+                                       # decoder passes 15-50x slower than 1)
+
+
+EVAL_PRESETS = {
+    "quick": dict(),
+    "tiny": dict(n_probe_train=400, n_test=200, probe_epochs=3, unit_probe_epochs=2, sparse_steps=40,
+                 usage_pairs=2, ddim_steps=3, edit_pairs=6, classifier_steps=20, cf_pairs=1, cf_alphas=3,
+                 manip_images=1, manip_scales=(0.0, 1.0), shots=(5, 10), few_shot_runs=2),
+    "claims": dict(n_probe_train=20000, n_test=4000, usage_pairs=16, ddim_steps=20, edit_pairs=128,
+                   classifier_steps=1500),
+    "celeba64": dict(n_probe_train=162770, n_test=19962, usage_pairs=0, ddim_steps=50, edit_pairs=16,
+                     classifier_steps=0, manip_factor="Smiling"),
+}
+
+
+def eval_config(preset, **overrides):
+    """EvalConfig for a training preset (a preset without its own sizes gets the quick sizes)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(config.PRESETS)}")
+    return replace(EvalConfig(**EVAL_PRESETS.get(preset, {})), **overrides)
 
 
 def parse_value(text, default, name):

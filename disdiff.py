@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import checkpoint
 import config
 import runtime
 from diffusion import at, ddim_invert, ddim_sample, linear_schedule, pdae_weight, predict_x0, q_sample, shift_coef
@@ -312,11 +313,11 @@ def disdiff_decoder(model, unet, sched):
 
 
 def representation(path, device, name):
-    """A DisDiff checkpoint as an evaluate.Representation: encode, the N factors as units, and a decoder. The
+    """A DisDiff checkpoint as a representation.Representation: encode, the N factors as units, and a decoder. The
     factors are not meant for time-steps; each gets a uniform t range (as PDAE's chunks do) only so that the
     usage view can stratify t the same way for every method."""
-    import evaluate
     from diti import uniform_partition
+    from representation import Representation
     model, unet, ckpt = load_disdiff(path, device)
     part = uniform_partition(model.factors * model.width, model.factors)      # the same units as model.units
     cfg, dm = ckpt["config"], ckpt["dm_config"]
@@ -328,14 +329,13 @@ def representation(path, device, name):
             info[key] = os.path.join(os.path.dirname(path), file)
     t_ranges = [part.t_range(i) for i in range(part.k)]
     sched = linear_schedule().to(device)
-    return evaluate.Representation(name, model.encode, model.units, t_ranges, disdiff_decoder(model, unet, sched),
-                                   info)
+    return Representation(name, model.encode, model.units, t_ranges, disdiff_decoder(model, unet, sched), info)
 
 
 def load_disdiff(path, device="cpu"):
     """(EMA DisDiff model, frozen U-Net, checkpoint) from a `train.py disdiff` checkpoint."""
     import train
-    ckpt = train.load_checkpoint(path, kind="disdiff")
+    ckpt = checkpoint.load_checkpoint(path, kind="disdiff")
     cfg = config.DisDiffConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
     model = build_disdiff(ckpt, cfg)
     model.load_state_dict(ckpt["ema"])

@@ -108,7 +108,7 @@ def swap_unit(z_A, z_B, dims):
 
 @torch.no_grad()
 def decoder_usage(rep, pairs, seed=0):
-    """SPEC §7.1 usage: what the decoder reads. rep: an evaluate.Representation with a decoder. pairs: per
+    """SPEC §7.1 usage: what the decoder reads. rep: a representation.Representation with a decoder. pairs: per
     factor, (x0_A, x0_B) with R * n rows differing only in that factor; block r (n rows) is scored at
     time-steps drawn in t range r. For each unit s, gain = loss(B | z_A) - loss(B | z_A with unit s from z_B):
     the weighted DiTi loss of reconstructing B (x_t from B's x_0, the same eps), averaged over the block,
@@ -365,7 +365,7 @@ def decoding_views(decoder, units, pairs, classifier, target, cfg, prefix, secon
     """The SPEC §4 views of one method on test pairs: DDIM inversion of A; with a factor classifier, edit change
     rates (F, U) from edit_change_rates, whose unedited decode is also the reconstruction; counterfactual and
     manipulation PNGs. pairs: dict of x_A, x_B (images), z_A, z_B (codes), y_A, y_B (labels); cfg:
-    evaluate.EvalConfig; seconds: timings by part. Returns a dict of views ('change_rates' with a classifier)."""
+    config.EvalConfig; seconds: timings by part. Returns a dict of views ('change_rates' with a classifier)."""
     p, steps, bs, out = SimpleNamespace(**pairs), cfg.ddim_steps, cfg.batch_size, {}
     with timed(seconds, "inversion"):
         x_T_A = invert(decoder, p.z_A, p.x_A, steps, bs)

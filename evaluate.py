@@ -4,11 +4,10 @@
     python evaluate.py --ckpt runs/quick/diti/ckpt.pt      # one checkpoint (report next to it)
     python evaluate.py --run runs/quick --units 8 --usage-pairs 8
 
-A method is seen through a `Representation`: encode(x0) -> z, the units z is cut into (DiTi subsets, PDAE
-chunks, DisDiff factors) with the time-steps each unit is meant for, and optionally a `editing.Decoder` for
-the views that decode. Views: attribute probes; four unit x factor maps (per-unit probe, sparse-probe
-importance, decoder usage, edit change rate), each with its homes and Spearman(home, t_f); DCI and MIG;
-few-shot with intervention; DDIM reconstruction, counterfactuals and manipulation (editing.py).
+A method is seen through a `representation.Representation` (z, its units and their time-steps, a decoder);
+the sizes of every view are a `config.EvalConfig`. Views: attribute probes; four unit x factor maps (per-unit
+probe, sparse-probe importance, decoder usage, edit change rate), each with its homes and Spearman(home, t_f);
+DCI and MIG; few-shot with intervention; DDIM reconstruction, counterfactuals and manipulation (editing.py).
 """
 import argparse
 import dataclasses
@@ -17,140 +16,26 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from typing import Callable
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+import checkpoint
 import config
 import data
-import diffusion
 import editing
 import metrics
+import probes
 import report
 import runtime
 import train
-from diti import uniform_partition
+from config import EvalConfig, eval_config
+from representation import encode_images, load_representation
 from editing import timed
 from plots import heatmap
 
 METHODS = ("diti", "diti_stop_grad", "pdae", "disdiff")     # the run-dir folders evaluate.py looks for
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration: the sizes of every view, with presets matching config.PRESETS
-
-@dataclass
-class EvalConfig:
-    n_probe_train: int = 5000          # train images encoded for the probes
-    n_test: int = 2000                 # test images encoded for the probes
-    batch_size: int = 256              # images per encoder / decoder pass
-    probe_epochs: int = 15             # full-z probe (SPEC §5: 15 epochs, Adam 1e-3, batch 128)
-    unit_probe_epochs: int = 5         # one probe per unit (metrics.probe_per_unit)
-    sparse_l1: float = 0.01            # importance view and DCI (metrics.fit_sparse_probe)
-    sparse_steps: int = 200
-    usage_pairs: int = 3               # pairs per factor and t range for the usage view
-    ddim_steps: int = 10               # DDIM steps for inversion and every decode
-    edit_pairs: int = 16               # test pairs for reconstruction and edit specificity
-    classifier_steps: int = 300        # the factor classifier of the edit view
-    cf_pairs: int = 2                  # counterfactual pairs drawn
-    cf_alphas: int = 5
-    cf_slerp: bool = False             # x_T = slerp(x_T1, x_T2, alpha) instead of x_T1
-    manip_factor: str = "hue"
-    manip_value: int = 1
-    manip_images: int = 2
-    manip_scales: tuple = (0.0, 0.25, 0.5, 1.0)
-    shots: tuple = (5, 10, 20, 50)     # SPEC §5 few-shot
-    few_shot_runs: int = 10
-    fine_t: int = 150                  # fine factors: t_f below this
-    early_fraction: float = 0.25       # few-shot "early subsets": this first fraction of the units
-    learned: float = 0.9               # a factor is learned when its full-z probe (rescaled) reaches this
-    ordering_rho: float = 0.8          # "the ordering appears" when Spearman over learned factors reaches this
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 1                   # torch threads on CPU (on a busy 2-core machine, 2 threads made the
-                                       # decoder passes 15-50x slower than 1)
-
-
-EVAL_PRESETS = {
-    "quick": dict(),
-    "tiny": dict(n_probe_train=400, n_test=200, probe_epochs=3, unit_probe_epochs=2, sparse_steps=40,
-                 usage_pairs=2, ddim_steps=3, edit_pairs=6, classifier_steps=20, cf_pairs=1, cf_alphas=3,
-                 manip_images=1, manip_scales=(0.0, 1.0), shots=(5, 10), few_shot_runs=2),
-    "claims": dict(n_probe_train=20000, n_test=4000, usage_pairs=16, ddim_steps=20, edit_pairs=128,
-                   classifier_steps=1500),
-    "celeba64": dict(n_probe_train=162770, n_test=19962, usage_pairs=0, ddim_steps=50, edit_pairs=16,
-                     classifier_steps=0, manip_factor="Smiling"),
-}
-
-
-def eval_config(preset, **overrides):
-    """EvalConfig for a training preset (a preset without its own sizes gets the quick sizes)."""
-    if preset not in config.PRESETS:
-        raise config.UserError(f"unknown preset '{preset}': choose one of {', '.join(config.PRESETS)}")
-    return dataclasses.replace(EvalConfig(**EVAL_PRESETS.get(preset, {})), **overrides)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Representations: what a method offers the views
-
-@dataclass
-class Representation:
-    """encode(x0 (B, C, H, W) in [-1, 1]) -> z (B, d); units: index arrays into z; t_ranges: (first, last)
-    time-steps of each unit (the ranges the usage view stratifies over); decoder: an editing.Decoder or
-    None (then the decoder-based views are skipped); info: the training budget, shown in the report, and
-    'dm_config', the frozen DDPM's config (it names the data the method is scored on)."""
-    name: str
-    encode: Callable
-    units: list
-    t_ranges: list
-    decoder: editing.Decoder = None
-    info: dict = field(default_factory=dict)
-
-
-def subsets(partition):
-    """A partition's subsets as index arrays, with their t ranges."""
-    units = [np.arange(s, e) for s, e in zip(partition.starts(), partition.ends)]
-    return units, [partition.t_range(i) for i in range(partition.k)]
-
-
-def diti_representation(path, device, name, units_k=None):
-    """A DiTi/PDAE checkpoint as a Representation. A one-subset model (PDAE) is cut into units_k equal
-    chunks with uniform t ranges, so its maps compare with k-subset DiTi runs (SPEC §7)."""
-    model, unet, ckpt = train.load_diti(path, device)
-    part = model.partition
-    units, t_ranges = subsets(uniform_partition(part.d, units_k) if part.k == 1 and units_k else part)
-    cfg, dm = ckpt["config"], ckpt["dm_config"]
-    info = dict(checkpoint=path, kind="diti", mode=cfg["mode"], k=part.k, d=part.d, partition=cfg["partition"],
-                steps=ckpt["step"], batch_size=cfg["batch_size"], lr=cfg["lr"], dm_steps=dm["steps"],
-                dm_batch_size=dm["batch_size"], units=len(units), dm_config=dm)
-    loss_png = os.path.join(os.path.dirname(path), "loss_by_t.png")    # SPEC §5: the loss per t bucket
-    if os.path.isfile(loss_png):
-        info["loss_by_t_png"] = loss_png
-    sched = diffusion.linear_schedule().to(device)
-    return Representation(name, model.encode, units, t_ranges, editing.diti_decoder(model, unet, sched), info)
-
-
-def load_representation(path, device, name, units_k=None):
-    """Dispatch on the checkpoint's kind. A DisDiff checkpoint needs disdiff.representation(path, device,
-    name) returning a Representation (built by disdiff.py)."""
-    kind = train.load_checkpoint(path)["kind"]
-    if kind == "diti":
-        return diti_representation(path, device, name, units_k)
-    if kind != "disdiff":
-        raise config.UserError(f"{path} is a '{kind}' checkpoint: evaluate a stage-2 (diti or disdiff) checkpoint")
-    import disdiff
-    return disdiff.representation(path, device, name)
-
-
-@torch.no_grad()
-def encode_images(rep, images, batch_size, device, desc="encode"):
-    """uint8 images (N, H, W, 3) -> z (N, d) numpy, batched, with the (EMA) encoder."""
-    out = [rep.encode(data.to_tensor(images[s]).to(device)).float().cpu()
-           for s in tqdm(editing.chunks(len(images), batch_size), desc=f"{desc} ({rep.name})", leave=False)]
-    return torch.cat(out).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,14 +85,14 @@ def attribute_probe(z_train, z_test, ev, cfg, z_valid=None):
     y_valid = None if ev.valid is None else ev.valid.labels
     kw = dict(epochs=cfg.probe_epochs, seed=cfg.seed)
     if ev.train.kind == "regression":
-        r = metrics.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "regression", **kw)
+        r = probes.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "regression", **kw)
         return dict(pearson=r["pearson"], mean_pearson=r["mean_pearson"], mse=r["mse"])
-    r = metrics.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "multiclass",
+    r = probes.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "multiclass",
                           num_values=ev.train.num_values, **kw)
     out = dict(accuracy=r["accuracy"], rescaled=r["rescaled"], mean_accuracy=float(r["accuracy"].mean()),
                mean_rescaled=float(r["rescaled"].mean()), weights=r["weights"])
     if ev.train.kind == "binary":
-        b = metrics.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "binary", **kw)
+        b = probes.fit_probe(z_train, ev.train.labels, z_valid, y_valid, z_test, ev.test.labels, "binary", **kw)
         out.update(ap=b["ap"], mean_ap=b["mean_ap"])
     return out
 
@@ -245,9 +130,9 @@ def map_view(matrix, ev, learned, title, path):
 def probe_views(z_train, z_test, units, ev, cfg, learned, prefix):
     """SPEC §7 per-unit probe map and SPEC §7.1 sparse-probe importance, as map_views."""
     kw = dict(num_values=ev.train.num_values)
-    probe = metrics.probe_per_unit(z_train, ev.train.labels, None, None, z_test, ev.test.labels, units,
+    probe = probes.probe_per_unit(z_train, ev.train.labels, None, None, z_test, ev.test.labels, units,
                                    epochs=cfg.unit_probe_epochs, seed=cfg.seed, **kw)
-    importance = metrics.sparse_probe_importance(z_train, ev.train.labels, units, cfg.sparse_l1,
+    importance = probes.sparse_probe_importance(z_train, ev.train.labels, units, cfg.sparse_l1,
                                                  cfg.sparse_steps, **kw)
     return (map_view(probe, ev, learned, "per-unit probe (rescaled accuracy)", f"{prefix}_probe_map.png"),
             map_view(importance, ev, learned, "sparse-probe importance (share of |W|)", f"{prefix}_importance.png"))
@@ -266,22 +151,22 @@ def few_shot_view(z_train, z_test, units, ev, cfg):
     out = dict(early_units=list(range(n_early)), early_dims=len(early), factors={})
     for f in fine:
         kw = dict(factor=f, shots=cfg.shots, runs=cfg.few_shot_runs, seed=cfg.seed)
-        out["factors"][names[f]] = dict(full=metrics.few_shot(z_train, ev.train.labels, z_test, ev.test.labels, **kw),
-                                        early=metrics.few_shot(z_train, ev.train.labels, z_test, ev.test.labels,
+        out["factors"][names[f]] = dict(full=probes.few_shot(z_train, ev.train.labels, z_test, ev.test.labels, **kw),
+                                        early=probes.few_shot(z_train, ev.train.labels, z_test, ev.test.labels,
                                                                dims=early, **kw))
     return out
 
 
 def disentanglement(z_train, z_test, units, ev, cfg):
-    """DCI with the units as code units (metrics.dci_from_probes), and the DisDiff protocol (SPEC §8): each
+    """DCI with the units as code units (probes.dci_from_probes), and the DisDiff protocol (SPEC §8): each
     unit reduced to its first principal component (fitted on train and test together, so both splits share
     the projection), then MIG and DCI on those numbers."""
     kw = dict(l1=cfg.sparse_l1, steps=cfg.sparse_steps, num_values=ev.train.num_values)
     y_train, y_test = ev.train.labels, ev.test.labels
-    dci = metrics.dci_from_probes(z_train, y_train, z_test, y_test, units, **kw)
+    dci = probes.dci_from_probes(z_train, y_train, z_test, y_test, units, **kw)
     pcs = metrics.first_principal_components(np.concatenate([z_train, z_test]), units)
     pc_train, pc_test = pcs[:len(z_train)], pcs[len(z_train):]
-    dci_pca = metrics.dci_pca(pc_train, y_train, pc_test, y_test, **kw)
+    dci_pca = probes.dci_pca(pc_train, y_train, pc_test, y_test, **kw)
     return dict(dci={k: dci[k] for k in ("disentanglement", "completeness", "informativeness")},
                 dci_pca={k: dci_pca[k] for k in ("disentanglement", "completeness", "informativeness")},
                 mig=metrics.mig(pc_test, y_test))
@@ -366,7 +251,7 @@ def find_checkpoints(run_dir):
 def default_units(checkpoints, preset):
     """PDAE's chunk count: the k of the DiTi runs being compared, else the preset's k."""
     for path in checkpoints.values():
-        ck = train.load_checkpoint(path)
+        ck = checkpoint.load_checkpoint(path)
         if ck["kind"] == "diti" and len(ck["partition"]) > 1:
             return len(ck["partition"])
     return config.PRESETS[preset].get("diti", {}).get("k", config.DiTiConfig.k)

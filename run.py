@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+import checkpoint
 import config
 import evaluate
 import train
@@ -52,7 +53,7 @@ def stage_state(cfg, kind):
     path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.exists(path):
         return "new"
-    ckpt = train.load_checkpoint(path, kind)
+    ckpt = checkpoint.load_checkpoint(path, kind)
     changed = [k for k, v in asdict(cfg).items() if k not in IGNORED and plain(ckpt["config"].get(k)) != plain(v)]
     if changed:
         raise UserError(f"{path} was trained with other settings ({', '.join(changed)}): pass --fresh to retrain, "
@@ -118,7 +119,7 @@ def main(argv=None):
     with open(run_path, "w") as f:
         json.dump(plain(run_info), f, indent=1)
 
-    cfg = evaluate.eval_config(args.preset, device=args.device, threads=args.threads or 1)
+    cfg = config.eval_config(args.preset, device=args.device, threads=args.threads or 1)
     checkpoints = {n: os.path.join(c.out, "ckpt.pt") for n, c in stage2.items()}
     evaluate.evaluate(checkpoints, out, args.preset, cfg,
                       extra=dict(run=dict(preset=args.preset, train_seconds=seconds)))

@@ -1,6 +1,11 @@
 """Where and how training runs: the device, the numeric precision, and the processes of a torchrun launch
-(train.py's loop calls these; bench.py, evaluate.py and disdiff.py pick their device here too)."""
+(train.py's loop calls these; bench.py, evaluate.py and disdiff.py pick their device here too), and what one
+call costs there in seconds and peak memory (bench.py).
+"""
+import ctypes
 import os
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -97,3 +102,59 @@ def average_gradients(params, world):
     grads = flat[:-len(params)].split([p.numel() for p in params])
     for p, g, n in zip(params, grads, flat[-len(params):].tolist()):
         p.grad = (g / world).view_as(p).to(p.dtype) if n > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What one call costs (bench.py)
+
+class PeakRSS:
+    """Peak resident set size above that at start, sampled every millisecond in a thread (Linux /proc)."""
+    ok = os.path.exists("/proc/self/statm")
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        if self.ok:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)          # freed heap back to the OS: a clean baseline
+            except (OSError, AttributeError):
+                pass
+            self.start = self.peak = self.rss()
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        if self.ok:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    def mb(self):
+        return (self.peak - self.start) / 2 ** 20 if self.ok else None
+
+
+def timed_call(fn, device):
+    """(seconds, peak MB) of one call: CUDA's peak allocation on a GPU, the peak RSS above the start on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        tick = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - tick, torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with PeakRSS() as rss:
+        tick = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - tick
+    return seconds, rss.mb()

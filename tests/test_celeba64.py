@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import config
 import train
 from diti import DiTi, paper_partition
@@ -65,11 +66,11 @@ def test_celeba64_one_step_of_each_stage_on_an_official_format_folder(tmp_path, 
                 *small])
     cache = np.load(root / ".diti_cache" / "celeba_v1_64" / "images.npy", mmap_mode="r")
     assert cache.shape == (8, 64, 64, 3) and cache.dtype == np.uint8           # one-time crop + resize
-    dm = train.load_checkpoint(str(dm_out / "ckpt.pt"), kind="dm")
+    dm = checkpoint.load_checkpoint(str(dm_out / "ckpt.pt"), kind="dm")
     assert dm["step"] == 1 and dm["config"]["data_dir"] == str(root) and dm["unet"]["base_channels"] == 64
     assert (dm_out / "samples.png").exists()
     train.main(["diti", "--preset", "celeba64", "--dm", str(dm_out / "ckpt.pt"), "--out", str(diti_out), *small])
-    ck = train.load_checkpoint(str(diti_out / "ckpt.pt"), kind="diti")
+    ck = checkpoint.load_checkpoint(str(diti_out / "ckpt.pt"), kind="diti")
     assert ck["step"] == 1 and list(ck["partition"]) == PAPER_ENDS
     assert np.isfinite(ck["log"][0]["loss"])
     model, unet, _ = train.load_diti(str(diti_out / "ckpt.pt"))
@@ -97,4 +98,4 @@ def test_an_unlabelled_image_folder_trains_both_stages(tmp_path):
                 "--out", str(tmp_path / "dm"), "--sample-steps", "1", *small])
     assert np.load(next((tmp_path / "imgs" / ".diti_cache").glob("folder_*/images.npy"))).shape == (6, 16, 16, 3)
     train.main(["diti", "--dm", str(tmp_path / "dm" / "ckpt.pt"), "--out", str(tmp_path / "diti"), *small])
-    assert train.load_checkpoint(str(tmp_path / "diti" / "ckpt.pt"), kind="diti")["step"] == 1
+    assert checkpoint.load_checkpoint(str(tmp_path / "diti" / "ckpt.pt"), kind="diti")["step"] == 1

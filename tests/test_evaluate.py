@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import config
 import data
 import diffusion
 import editing
 import evaluate
 import report
+import representation
 import run
 import train
 from diti import DiTi, uniform_partition
@@ -63,10 +65,10 @@ class ReadsOneSubset(nn.Module):
 
 def test_usage_home_is_the_only_subset_the_decoder_reads():
     sched, part, j = diffusion.linear_schedule(), uniform_partition(8, 4), 2
-    units, t_ranges = evaluate.subsets(part)
+    units, t_ranges = representation.subsets(part)
     model = SimpleNamespace(partition=part, decoder=ReadsOneSubset(sched, units[j]))
     encode = lambda x: x.mean((1, 2, 3))[:, None].repeat(1, 8)        # every subset holds the colour
-    rep = evaluate.Representation("fake", encode, units, t_ranges,
+    rep = representation.Representation("fake", encode, units, t_ranges,
                                   editing.diti_decoder(model, ZeroKnowledgeUNet(sched), sched))
     gen = torch.Generator().manual_seed(0)
     colours = lambda: (torch.rand(12, generator=gen) * 2 - 1).view(12, 1, 1, 1).expand(12, 3, 4, 4)
@@ -102,7 +104,7 @@ def known_homes_data():
 
 def test_map_homes_follow_loss_times_over_learned_factors(known_homes_data, tmp_path):
     z_train, z_test, units, ev = known_homes_data
-    cfg = evaluate.eval_config("tiny", probe_epochs=30, unit_probe_epochs=3, sparse_steps=100)
+    cfg = config.eval_config("tiny", probe_epochs=30, unit_probe_epochs=3, sparse_steps=100)
     probe = evaluate.attribute_probe(z_train, z_test, ev, cfg)
     learned = probe["rescaled"] >= cfg.learned
     np.testing.assert_array_equal(learned, [True, True, True, True, False])
@@ -210,16 +212,16 @@ def test_stage_state_resumes_an_unfinished_checkpoint_and_refuses_other_settings
     dm_cfg, _ = run.stage_configs("tiny", str(tmp_path), "cpu")
     assert run.stage_state(dm_cfg, "dm") == "new"
     path = os.path.join(dm_cfg.out, "ckpt.pt")
-    train.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps - 1, config=dataclasses.asdict(dm_cfg)))
+    checkpoint.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps - 1, config=dataclasses.asdict(dm_cfg)))
     assert run.stage_state(dm_cfg, "dm") == "unfinished"
-    train.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps, config=dataclasses.asdict(dm_cfg)))
+    checkpoint.save_checkpoint(path, dict(kind="dm", step=dm_cfg.steps, config=dataclasses.asdict(dm_cfg)))
     assert run.stage_state(dm_cfg, "dm") == "finished"
     with pytest.raises(config.UserError, match="base_channels"):
         run.stage_state(dataclasses.replace(dm_cfg, base_channels=64), "dm")
 
 
 def test_every_training_preset_has_eval_sizes_and_flags_override_them():
-    assert all(evaluate.eval_config(p) for p in config.PRESETS)
-    args = SimpleNamespace(**{f.name: None for f in dataclasses.fields(evaluate.EvalConfig)})
+    assert all(config.eval_config(p) for p in config.PRESETS)
+    args = SimpleNamespace(**{f.name: None for f in dataclasses.fields(config.EvalConfig)})
     args.manip_scales, args.usage_pairs = "0,0.5,1", "8"
     assert evaluate.parse_overrides(args) == dict(manip_scales=(0.0, 0.5, 1.0), usage_pairs=8)

@@ -1,4 +1,4 @@
-"""Tests for metrics.py: hand-worked values for the scores, synthetic codes with a known answer for the
+"""Tests for metrics.py and probes.py: hand-worked values for the scores, synthetic codes with a known answer for the
 probes, DCI, MIG and few-shot."""
 import math
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import metrics
+import probes
 
 
 def one_hot_code(y, rng, noise=0.1):
@@ -77,7 +78,7 @@ def test_multiclass_probe_on_separable_toy_is_near_perfect():
     rng = np.random.default_rng(0)
     y = random_factors(3000, [3, 4, 2], rng)
     x = np.concatenate([one_hot_code(y[:, f], rng) for f in range(3)], axis=1)
-    result = metrics.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "multiclass")
+    result = probes.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "multiclass")
     assert result["rescaled"].shape == (3,)
     assert result["rescaled"].min() > 0.95
     assert [w.shape for w in result["weights"]] == [(3, 9), (4, 9), (2, 9)]   # (n_classes, D) per factor
@@ -87,14 +88,14 @@ def test_multiclass_probe_on_noise_is_at_chance():
     rng = np.random.default_rng(1)
     y = random_factors(4000, [4, 2], rng)
     x = rng.normal(size=(4000, 8))
-    result = metrics.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "multiclass", epochs=5)
+    result = probes.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "multiclass", epochs=5)
     assert np.abs(result["rescaled"]).max() < 0.1
 
 
 def test_probe_is_deterministic_for_a_seed():
     rng = np.random.default_rng(13)
     x, y = rng.normal(size=(500, 4)), rng.integers(0, 3, (500, 2))
-    first, second = (metrics.fit_probe(x, y, None, None, None, None, "multiclass", epochs=2, seed=7)
+    first, second = (probes.fit_probe(x, y, None, None, None, None, "multiclass", epochs=2, seed=7)
                      for _ in range(2))
     np.testing.assert_array_equal(first["weights"][0], second["weights"][0])
 
@@ -103,7 +104,7 @@ def test_binary_probe_returns_per_attribute_ap():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3000, 5))
     y = (x[:, :3] > 0).astype(int)
-    result = metrics.fit_probe(x[:2000], y[:2000], x[2000:2500], y[2000:2500], x[2500:], y[2500:], "binary",
+    result = probes.fit_probe(x[:2000], y[:2000], x[2000:2500], y[2000:2500], x[2500:], y[2500:], "binary",
                                epochs=5)
     assert result["ap"].shape == (3,)
     assert result["mean_ap"] > 0.95
@@ -113,7 +114,7 @@ def test_regression_probe_recovers_a_linear_target():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3000, 6))
     y = x @ rng.normal(size=(6, 2)) + 5.0
-    result = metrics.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "regression", lr=1e-2)
+    result = probes.fit_probe(x[:2000], y[:2000], None, None, x[2000:], y[2000:], "regression", lr=1e-2)
     assert result["pearson"].shape == (2,)
     assert result["mean_pearson"] > 0.99
     assert result["mse"] < 0.05 * y.var(0).mean()
@@ -130,7 +131,7 @@ def code_with_known_homes():
 
 def test_probe_per_unit_map_is_diagonal_and_homes_are_in_order(code_with_known_homes):
     code, y, units = code_with_known_homes
-    matrix = metrics.probe_per_unit(code[:2000], y[:2000], None, None, code[2000:], y[2000:], units)
+    matrix = probes.probe_per_unit(code[:2000], y[:2000], None, None, code[2000:], y[2000:], units)
     assert matrix.shape == (4, 4)
     assert np.diag(matrix).min() > 0.8
     assert (matrix - np.diag(np.diag(matrix))).max() < 0.1
@@ -139,7 +140,7 @@ def test_probe_per_unit_map_is_diagonal_and_homes_are_in_order(code_with_known_h
 
 def test_sparse_probe_puts_most_weight_on_the_right_unit(code_with_known_homes):
     code, y, units = code_with_known_homes
-    share = metrics.sparse_probe_importance(code[:2000], y[:2000], units)
+    share = probes.sparse_probe_importance(code[:2000], y[:2000], units)
     np.testing.assert_allclose(share.sum(1), 1.0)
     assert np.diag(share).min() > 0.8
 
@@ -185,7 +186,7 @@ def permuted_factor_code():
 
 def test_dci_from_probes_on_a_permuted_copy_is_disentangled(permuted_factor_code):
     code, y = permuted_factor_code
-    result = metrics.dci_from_probes(code[:2000], y[:2000], code[2000:], y[2000:], [[u] for u in range(5)])
+    result = probes.dci_from_probes(code[:2000], y[:2000], code[2000:], y[2000:], [[u] for u in range(5)])
     assert result["importance"].shape == (5, 5)
     assert result["disentanglement"] > 0.9
     assert result["completeness"] > 0.9
@@ -196,7 +197,7 @@ def test_dci_from_probes_on_a_rotated_copy_is_entangled(permuted_factor_code):
     code, y = permuted_factor_code
     rotation = np.linalg.qr(np.random.default_rng(6).normal(size=(5, 5)))[0]
     mixed = (code - code.mean(0)) / code.std(0) @ rotation
-    result = metrics.dci_from_probes(mixed[:2000], y[:2000], mixed[2000:], y[2000:], [[u] for u in range(5)])
+    result = probes.dci_from_probes(mixed[:2000], y[:2000], mixed[2000:], y[2000:], [[u] for u in range(5)])
     assert result["disentanglement"] < 0.5
 
 
@@ -233,7 +234,7 @@ def test_first_principal_components_projects_each_unit_on_its_main_axis():
 
 def test_dci_pca_on_a_copied_code_is_disentangled(permuted_factor_code):
     code, y = permuted_factor_code
-    result = metrics.dci_pca(code[:2000], y[:2000], code[2000:], y[2000:])
+    result = probes.dci_pca(code[:2000], y[:2000], code[2000:], y[2000:])
     assert result["disentanglement"] > 0.9
 
 
@@ -243,8 +244,8 @@ def test_few_shot_informative_dims_beat_noise_dims():
     rng = np.random.default_rng(10)
     y = random_factors(2000, [3, 2], rng)
     x = np.concatenate([one_hot_code(y[:, 0], rng, noise=1.0), rng.normal(size=(2000, 4))], axis=1)
-    informative = metrics.few_shot(x[:1000], y[:1000], x[1000:], y[1000:], factor=0, runs=3, dims=[0, 1, 2])
-    noise = metrics.few_shot(x[:1000], y[:1000], x[1000:], y[1000:], factor=0, runs=3, dims=slice(3, 7))
+    informative = probes.few_shot(x[:1000], y[:1000], x[1000:], y[1000:], factor=0, runs=3, dims=[0, 1, 2])
+    noise = probes.few_shot(x[:1000], y[:1000], x[1000:], y[1000:], factor=0, runs=3, dims=slice(3, 7))
     assert sorted(informative) == [5, 10, 20, 50]
     for n, (mean, std) in {**informative, **noise}.items():
         assert 0.0 <= mean <= 1.0 and std >= 0.0
@@ -253,7 +254,7 @@ def test_few_shot_informative_dims_beat_noise_dims():
 
 def test_few_shot_sample_holds_every_class_once_n_reaches_the_class_count():
     labels = np.array([0] * 50 + [1] * 50 + [2] * 5)
-    idx = metrics._few_shot_indices(labels, 5, np.random.default_rng(0))
+    idx = probes._few_shot_indices(labels, 5, np.random.default_rng(0))
     assert len(idx) == 5 and len(set(idx)) == 5
     assert set(labels[idx]) == {0, 1, 2}
 
@@ -261,7 +262,7 @@ def test_few_shot_sample_holds_every_class_once_n_reaches_the_class_count():
 def test_probe_fit_restores_the_torch_thread_count():
     n_threads = torch.get_num_threads()
     rng = np.random.default_rng(12)
-    metrics.fit_probe(rng.normal(size=(100, 2)), rng.integers(0, 2, (100, 1)), None, None, None, None,
+    probes.fit_probe(rng.normal(size=(100, 2)), rng.integers(0, 2, (100, 1)), None, None, None, None,
                       "multiclass", epochs=1)
     assert torch.get_num_threads() == n_threads
 
@@ -270,5 +271,5 @@ def test_probes_accept_torch_tensors():
     rng = np.random.default_rng(11)
     y = random_factors(600, [3], rng)
     x, y = torch.from_numpy(one_hot_code(y[:, 0], rng)), torch.from_numpy(y)
-    result = metrics.fit_probe(x[:400], y[:400], None, None, x[400:], y[400:], "multiclass")
+    result = probes.fit_probe(x[:400], y[:400], None, None, x[400:], y[400:], "multiclass")
     assert result["rescaled"][0] > 0.9
