@@ -178,7 +178,7 @@ EVAL_PRESETS = {
 def eval_config(preset, **overrides):
     """EvalConfig for a training preset (a preset without its own sizes gets the quick sizes)."""
     if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(config.PRESETS)}")
+        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     return replace(EvalConfig(**EVAL_PRESETS.get(preset, {})), **overrides)
 
 

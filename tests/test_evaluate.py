@@ -222,6 +222,8 @@ def test_stage_state_resumes_an_unfinished_checkpoint_and_refuses_other_settings
 
 def test_every_training_preset_has_eval_sizes_and_flags_override_them():
     assert all(config.eval_config(p) for p in config.PRESETS)
+    with pytest.raises(config.UserError, match="unknown preset 'nope'"):
+        config.eval_config("nope")
     args = SimpleNamespace(**{f.name: None for f in dataclasses.fields(config.EvalConfig)})
     args.manip_scales, args.usage_pairs = "0,0.5,1", "8"
     assert evaluate.parse_overrides(args) == dict(manip_scales=(0.0, 0.5, 1.0), usage_pairs=8)
