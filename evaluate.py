@@ -31,9 +31,9 @@ import report
 import runtime
 import train
 from config import EvalConfig, eval_config
-from representation import encode_images, load_representation
 from editing import timed
 from plots import heatmap
+from representation import encode_images, load_representation
 
 METHODS = ("diti", "diti_stop_grad", "pdae", "disdiff")     # the run-dir folders evaluate.py looks for
 

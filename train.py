@@ -36,7 +36,7 @@ from unet import UNet, UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The models of a stage: the U-Net of a checkpoint, the frozen eps_theta, DiTi's E and G
+# Seeds and the models of a stage: the U-Net of a checkpoint, the frozen eps_theta, DiTi's E and G
 
 def seed_everything(seed):
     torch.manual_seed(seed)
