@@ -62,7 +62,7 @@ def finished(cfg, kind):
     if not os.path.isfile(path):
         return False
     ck = checkpoint.load_checkpoint(path, kind)
-    checkpoint.check_same_data(ck, cfg, path)          # a DDPM of another --fine-loss-time is never reused,
+    checkpoint.check_same_data(ck, cfg, path)     # a DDPM of another --fine-loss-time is never reused,
     if kind == "dm":                              # nor one of another width
         checkpoint.check_same_model(ck, dict(unet=dataclasses.asdict(config.unet_config(cfg))), path)
     return ck["step"] >= cfg.steps

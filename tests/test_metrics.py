@@ -1,5 +1,5 @@
-"""Tests for metrics.py and probes.py: hand-worked values for the scores, synthetic codes with a known answer for the
-probes, DCI, MIG and few-shot."""
+"""Tests for metrics.py and probes.py: hand-worked values for the scores, synthetic codes with a known answer
+for the probes, DCI, MIG and few-shot."""
 import math
 
 import numpy as np
