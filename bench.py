@@ -10,8 +10,8 @@ Measured per preset (U-Net of the preset's `dm` stage; k, z_dim, partition of it
   disdiff  a DisDiff training step (disdiff.disdiff_step, AdamW), when disdiff.py is present
   encode   encoder features z = E(x_0), no gradients
   ddim     DDIM inversion then decoding with the shift, --ddim-steps each way
-Timing: --warmup untimed calls (DDIM: none unless compiled, a call being 2 x --ddim-steps network passes), then
---iters timed ones (DDIM: --ddim-iters); images/s = batch / median time. The timed calls of all
+Timing: --warmup untimed calls (DDIM, a call being 2 x --ddim-steps network passes: one on CUDA, else none unless
+compiled), then --iters timed ones (DDIM: --ddim-iters); images/s = batch / median time. The timed calls of all
 ops and settings of a preset are interleaved (round 1 of each, then round 2, ...), so that a ratio between two
 of them is measured under the same load: on a shared machine that matters more than anything else here.
 Peak memory: CUDA: torch.cuda.max_memory_allocated during a call (weights, optimizer state, activations).
@@ -42,11 +42,9 @@ TAG = "@@bench "
 
 def preset_configs(preset):
     """(DMConfig, DiTiConfig, DisDiffConfig or None) of a preset, as train.py builds them."""
-    import train
     p = config.PRESETS[preset]
-    dis_cls = getattr(train, "DisDiffConfig", None)
     return (config.DMConfig(**p.get("dm", {})), config.DiTiConfig(**p.get("diti", {})),
-            dis_cls(**p.get("disdiff", {})) if dis_cls and "disdiff" in p else None)
+            config.DisDiffConfig(**p["disdiff"]) if "disdiff" in p else None)
 
 
 def default_batch(preset, device):
@@ -138,7 +136,7 @@ class Setting:
             except ImportError as e:
                 raise Skip(f"no disdiff.py with DisDiff and disdiff_step here ({e})")
             if self.discfg is None:
-                raise Skip("train.py has no DisDiff config for this preset")
+                raise Skip("this preset has no disdiff stage (config.PRESETS)")
             unet, c = self.frozen_unet(), self.discfg
             model = DisDiff(self.ucfg, c.z_dim, c.factors).to(self.device, memory_format=self.fmt)
             opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -195,7 +193,9 @@ def worker(spec):
                 settings[s["label"]] = Setting(spec["preset"], device, s["precision"], s["channels_last"],
                                                s["compile"], spec["batch"])
             step, params = settings[s["label"]].op(op, spec["ddim_steps"])
-            n_warm = 0 if op == "ddim" else spec["warmup"]        # a DDIM call is 2 x ddim_steps network passes
+            # a DDIM call is 2 x ddim_steps network passes: no warm-up on a CPU, one on a GPU (its first call
+            # pays for CUDA's one-off start-up)
+            n_warm = (1 if device.type == "cuda" else 0) if op == "ddim" else spec["warmup"]
             n_warm = max(n_warm, 1) if s["compile"] else n_warm   # the first call compiles
             warmup = [runtime.timed_call(step, device)[0] for _ in range(n_warm)]
         except Skip as e:
@@ -366,7 +366,8 @@ def main(argv=None):
     print()
     print(table(rows))
     print(f"img/s = batch / median of {a.iters} timed calls ({a.ddim_iters} for DDIM: {a.ddim_steps} inversion + "
-          f"{a.ddim_steps} decoding steps a call, no warm-up) after {a.warmup} warm-up, all interleaved; 'vs fp32' = img/s over "
+          f"{a.ddim_steps} decoding steps a call, {'one warm-up' if device.type == 'cuda' else 'no warm-up'}) after "
+          f"{a.warmup} warm-up, all interleaved; 'vs fp32' = img/s over "
           f"that of fp32 for the same preset and op; '1st s' = the first call (with compile: compiling it).")
     print("peak MB: " + ("torch.cuda.max_memory_allocated during a call (all tensors)." if device.type == "cuda"
                          else "peak RSS during a call above its start (activations, gradients, workspaces; not "

@@ -48,8 +48,15 @@ def rng_state(stream, noise):
 
 
 def set_rng_state(state, stream, noise):
+    """Restore rng_state. A run written on another device type (say CUDA, resumed on a CPU) cannot continue its
+    noise generator's stream: it goes on from a seed taken from the saved state, and says so."""
     torch.set_rng_state(state["torch"])
-    noise.set_state(state["noise"])
+    if state["noise"].numel() == noise.get_state().numel():
+        noise.set_state(state["noise"])
+    else:
+        noise.manual_seed(int(state["noise"].long().sum()))
+        print(f"warning: this checkpoint's t and eps generator was written on another device than {noise.device}: "
+              f"resuming with a fresh seed for it (not bit-exact)")
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(state["python"]), None))

@@ -12,7 +12,9 @@ mean and spread over seeds of every view's Spearman(home, t_f) over the learned 
 probe per factor and the reconstruction MSE.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -101,6 +103,17 @@ def union(old, new):
     return list(dict.fromkeys(list(old) + list(new)))
 
 
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock on path + '.lock' (POSIX) while reading, merging and writing claims.json."""
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def merge_from_disk(path, claims):
     """Take in the runs another claims.py (say, one per seed, side by side) has written since we read the file."""
     if os.path.isfile(path):
@@ -155,9 +168,10 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         claims["runs"][f"seed{seed}/{row}"] = dict(summarise(result["methods"][row], names), seed=seed, row=row,
                                                    steps=cfg.steps, batch_size=cfg.batch_size,
                                                    dm_steps=dm_cfg.steps, seconds=time.time() - t0)
-        merge_from_disk(path, claims)
-        save_json(path, claims)
-        write_markdown(claims, os.path.join(out, "claims.md"))
+        with locked(path):                        # processes side by side (one per seed or row) share the file
+            merge_from_disk(path, claims)
+            save_json(path, claims)
+            write_markdown(claims, os.path.join(out, "claims.md"))
     return claims
 
 
@@ -247,11 +261,12 @@ def flag_text(option):
 
 def preset_options(claims):
     """(option, value) of every option beyond the preset (budgets aside) that this grid ran with: the options
-    beyond the paper, and a U-Net width."""
+    beyond the paper, a U-Net width, a precision (named once when both stages have it)."""
     overrides = claims.get("overrides", {})
     extra = [(k, v) for k, v in overrides.get("diti_fields", {}).items() if k != "steps"]
     dm_flags = dict(zip(overrides.get("dm", [])[::2], overrides.get("dm", [])[1::2]))    # ["--steps", "4000", ...]
-    return extra + [(flag[2:].replace("-", "_"), v) for flag, v in dm_flags.items() if flag != "--steps"]
+    dm_extra = [(flag[2:].replace("-", "_"), v) for flag, v in dm_flags.items() if flag != "--steps"]
+    return extra + [(k, v) for k, v in dm_extra if k not in dict(extra)]
 
 
 def write_markdown(claims, path):
@@ -348,6 +363,8 @@ def main(argv=None):
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--base-channels", type=int, default=None,
                    help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
+    p.add_argument("--precision", default=None,
+                   help="fp32 or bf16 for every training stage (default: train.py's auto, bf16 on CUDA)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eps-errors", default=None, metavar="CKPT",
                    help="print, for a stage-2 checkpoint on the built-in data, the eps error by t of its DDPM, of "
@@ -375,8 +392,10 @@ def main(argv=None):
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
     overrides = dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
                      + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
-                     + (["--base-channels", str(a.base_channels)] if a.base_channels else []),
+                     + (["--base-channels", str(a.base_channels)] if a.base_channels else [])
+                     + (["--precision", a.precision] if a.precision else []),
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),
+                                  **(dict(precision=a.precision) if a.precision else {}),
                                   **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
                                   **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
                                   **(dict(encoder_heads=True) if a.encoder_heads else {}),

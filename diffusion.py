@@ -86,7 +86,7 @@ def ddim_step(sched, x, t, t_next, eps, shift=None):
         eps = eps - (1 - abar).sqrt() * shift
     x0 = predict_x0(sched, x, t, eps).clamp(-1, 1)
     eps_tilde = (x / abar.sqrt() - x0) / (1 / abar - 1).sqrt()
-    abar_next = at(torch.cat([sched.abar, torch.ones(1)]), t_next, x)  # index -1 -> abar_{-1} = 1
+    abar_next = at(torch.cat([sched.abar, sched.abar.new_ones(1)]), t_next, x)  # index -1 -> abar_{-1} = 1
     return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps_tilde
 
 

@@ -280,7 +280,8 @@ def load_or_train_classifier(path, train_set, test_set, steps, batch_size=64, se
     start = time.perf_counter()
     model, accuracy = train_classifier(train_set, test_set, steps, batch_size, seed=seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(dict(key=key, state=model.state_dict(), accuracy=accuracy.tolist()), path)
+    torch.save(dict(key=key, state=model.state_dict(), accuracy=accuracy.tolist()), path + ".tmp")
+    os.replace(path + ".tmp", path)                 # atomic: side-by-side runs may train the same one
     return model, accuracy, time.perf_counter() - start
 
 

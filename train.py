@@ -134,8 +134,8 @@ def ema_decay_at(decay, step):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, all weights in one fused call; buffers copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -213,6 +213,24 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             return "no checkpoint was written yet"
         return f"the last good checkpoint {ckpt_path} (step {saved}) is intact"
 
+    pending = []       # the last steps' (step, log names, [loss, *logs], per-sample losses, t), on the device
+
+    def read_pending():
+        """Read the pending steps' figures off the device in one go (a read per step makes the CPU wait for the
+        GPU every step), stop at the first non-finite loss, and log them in order."""
+        if not pending:
+            return
+        figures = torch.stack([p[2] for p in pending]).tolist()
+        per_sample, t = (torch.stack([p[i] for p in pending]).cpu() for i in (3, 4))
+        for i, (step, names, _, _, _) in enumerate(pending):
+            loss_value, *values = figures[i]
+            if not math.isfinite(loss_value):
+                raise UserError(f"the {kind} loss became {loss_value} at step {step + 1}: stopped; {last_good()} "
+                                f"(lower --lr or use --precision fp32, then --resume)")
+            hist.add(per_sample[i], t[i])
+            log.append(dict(step=step + 1, loss=loss_value, **dict(zip(names, values))))
+        pending.clear()
+
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=kind, disable=rank != 0,
                dynamic_ncols=True)
     tick = time.time()
@@ -221,10 +239,6 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
         t, eps = draw_noise(noise, x0, hist.T, rank, world)
         with autocast(device, cfg.precision):
             loss, per_sample, t, logs = loss_fn(model, x0, t, eps)
-        loss_value = mean_over_ranks(loss.detach().double(), world).item()   # the whole batch's loss
-        if not math.isfinite(loss_value):
-            raise UserError(f"the {kind} loss became {loss_value} at step {step + 1}: stopped; {last_good()} "
-                            f"(lower --lr or use --precision fp32, then --resume)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -234,15 +248,18 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
                 group["lr"] = lr_at(step)
         opt.step()
         ema_update(ema, model, ema_decay_at(cfg.ema_decay, step))
-        hist.add(gather_rows(per_sample, world), gather_rows(t, world))
-        logs = {k: mean_over_ranks(torch.as_tensor(v, dtype=torch.float64, device=device), world).item()
-                for k, v in logs.items()}
-        log.append(dict(step=step + 1, loss=loss_value, **logs))
+        figures = torch.stack([loss.detach().double()] + [torch.as_tensor(v, dtype=torch.float64, device=device)
+                                                          .detach().reshape(()) for v in logs.values()])
+        pending.append((step, list(logs), mean_over_ranks(figures, world),    # the whole batch's loss and logs
+                        gather_rows(per_sample.detach(), world), gather_rows(t, world)))
+        last = (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps
+        if (step + 1) % 10 == 0 or last:
+            read_pending()
         if rank == 0 and (step + 1) % 10 == 0:
             rate = 10 * cfg.batch_size / (time.time() - tick)
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", img_s=f"{rate:.0f}")
             tick = time.time()
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+        if last:
             checkpoint(step + 1)
             saved = step + 1
     if rank == 0 and cfg.steps > start:

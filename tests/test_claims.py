@@ -99,3 +99,27 @@ def test_runs_written_by_another_process_are_kept(tmp_path):
     claims.merge_from_disk(path, mine)
     assert set(mine["runs"]) == {"seed0/pdae", "seed1/pdae"} and mine["seeds"] == [1, 0]
     assert mine["commands"] == ["b", "a"]
+
+
+def test_a_precision_for_both_stages_is_named_once():
+    c = dict(overrides=dict(dm=["--precision", "fp32"], diti_fields=dict(steps=10, precision="fp32")))
+    assert claims.preset_options(c) == [("precision", "fp32")]
+
+
+def test_the_lock_lets_one_writer_in_at_a_time(tmp_path):
+    """Processes side by side merge and write claims.json under claims.locked: a second holder waits."""
+    import threading
+    import time
+    path, events = str(tmp_path / "claims.json"), []
+
+    def writer(name):
+        with claims.locked(path):
+            events.append(f"{name} in")
+            time.sleep(0.2)
+            events.append(f"{name} out")
+    threads = [threading.Thread(target=writer, args=(n,)) for n in "ab"]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert events[0].endswith(" in") and events[1] == events[0].replace(" in", " out")    # never interleaved

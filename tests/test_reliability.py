@@ -387,3 +387,26 @@ def test_open_z_path_option_reaches_the_shift_decoder(dm_ckpt):
         blocks = [m for m in model.decoder.modules() if isinstance(m, ResBlock)]
         assert blocks and all(bool(b.conv2.weight.abs().sum() > 0) == open_z_path for b in blocks)
         assert model.decoder.up.out[-1].weight.abs().sum() == 0          # G = 0 at step 0 either way
+
+
+def test_a_checkpoint_from_another_device_resumes_with_a_fresh_noise_seed(capsys):
+    """A CUDA generator's state (16 bytes: seed and offset) cannot enter a CPU generator (MT19937): resuming a
+    GPU-trained run on a CPU reseeds the t/eps generator, says so, and restores everything else."""
+    import checkpoint
+
+    class Stream:
+        def state_dict(self):
+            return {"pos": 3}
+
+        def load_state_dict(self, state):
+            self.loaded = state
+
+    stream, noise = Stream(), torch.Generator().manual_seed(0)
+    state = checkpoint.rng_state(stream, noise)
+    state["noise"] = torch.arange(16, dtype=torch.uint8)          # what a CUDA generator's get_state() returns
+    draws = []
+    for _ in range(2):
+        checkpoint.set_rng_state(state, stream, noise)
+        draws.append(torch.rand(3, generator=noise))
+    assert "written on another device" in capsys.readouterr().out
+    assert torch.equal(draws[0], draws[1]) and stream.loaded == {"pos": 3}   # deterministic, stream restored
