@@ -98,19 +98,22 @@ PRESETS = {
     # 16 px, sized for a 2-core CPU: the whole main job (DDPM, three DiTi/PDAE runs, DisDiff, evaluation) in
     # about 20 minutes. A 16-px step of this U-Net costs about a seventh of a 32-px step of the default one; the
     # fine factors stay the first lost (synthetic.py). It shows the pipeline and what such a budget learns; the
-    # claim is tested at `claims`.
+    # claim is tested at `claims`. fp32 wherever it runs: at 16 px a step is bound by kernel launches, and bf16
+    # autocast ran at 0.72-0.81x of fp32 on an H200 (results/gpu/README.md), 0.07-0.16x on this CPU.
     "quick": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
-                          steps=2000, ema_decay=0.99, ckpt_every=500, sample_steps=20),
-                  diti=dict(batch_size=32, lr=1e-3, steps=600, ema_decay=0.99, ckpt_every=200),
+                          steps=2000, ema_decay=0.99, ckpt_every=500, sample_steps=20, precision="fp32"),
+                  diti=dict(batch_size=32, lr=1e-3, steps=600, ema_decay=0.99, ckpt_every=200, precision="fp32"),
                   # a DisDiff step runs the decoder on B * (N + 1) rows: a smaller batch keeps its cost near DiTi's
-                  disdiff=dict(batch_size=8, lr=1e-3, steps=600, warmup=60, ema_decay=0.99, ckpt_every=200)),
+                  disdiff=dict(batch_size=8, lr=1e-3, steps=600, warmup=60, ema_decay=0.99, ckpt_every=200,
+                               precision="fp32")),
     # The budget for the claim (issue 12; claims.py): the quick U-Net at 16 px, a DDPM and a stage 2 several times
     # longer (SPEC §7.1 saw five of seven factors learned at 2000 DDPM + 4000 stage-2 steps). Sized so that the
-    # two rows that matter most, for two seeds, run in about an hour and a half on one core here.
+    # two rows that matter most, for two seeds, run in about an hour and a half on one core here. fp32 as quick.
     "claims": dict(dm=dict(image_size=16, base_channels=16, attn_resolutions=(), batch_size=32, lr=1e-3,
-                           steps=4000, ema_decay=0.995, ckpt_every=500, sample_steps=20),
-                   diti=dict(batch_size=32, lr=1e-3, steps=4000, ema_decay=0.995, ckpt_every=500),
-                   disdiff=dict(batch_size=8, lr=1e-3, steps=4000, warmup=200, ema_decay=0.995, ckpt_every=500)),
+                           steps=4000, ema_decay=0.995, ckpt_every=500, sample_steps=20, precision="fp32"),
+                   diti=dict(batch_size=32, lr=1e-3, steps=4000, ema_decay=0.995, ckpt_every=500, precision="fp32"),
+                   disdiff=dict(batch_size=8, lr=1e-3, steps=4000, warmup=200, ema_decay=0.995, ckpt_every=500,
+                                precision="fp32")),
     # A few seconds each: what the tests and the smoke run use.
     "tiny": dict(dm=dict(n_train=512, base_channels=16, channel_mult=(1, 2), attn_resolutions=(), batch_size=16,
                          steps=30, ckpt_every=10, sample_steps=5),

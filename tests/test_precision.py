@@ -77,3 +77,14 @@ def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_else_fp32(monkeypat
     assert runtime.resolve_precision(CPU, "fp32") == "fp32" and runtime.resolve_precision(CPU, "bf16") == "bf16"
     with pytest.raises(config.UserError, match="choose auto, fp32 or bf16"):
         runtime.resolve_precision(CPU, "fp16")
+
+
+def test_the_16px_presets_train_in_fp32_and_the_flag_still_wins():
+    """At 16 px bf16 autocast was slower than fp32 on an H200 and on this CPU (results/gpu/README.md): the quick
+    and claims presets fix fp32 for every stage; celeba64 keeps auto (bf16 on CUDA); --precision overrides."""
+    for preset in ("quick", "claims"):
+        for stage in ("dm", "diti", "disdiff"):
+            cfg, _, _ = config.make_config(stage, ["--preset", preset])
+            assert cfg.precision == "fp32", (preset, stage)
+    assert config.make_config("diti", ["--preset", "celeba64"])[0].precision == "auto"
+    assert config.make_config("dm", ["--preset", "claims", "--precision", "bf16"])[0].precision == "bf16"
