@@ -364,7 +364,7 @@ def main(argv=None):
     p.add_argument("--base-channels", type=int, default=None,
                    help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
     p.add_argument("--precision", default=None,
-                   help="fp32 or bf16 for every training stage (default: train.py's auto, bf16 on CUDA)")
+                   help="fp32 or bf16 for every training stage (default: the preset's; fp32 at claims and quick)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eps-errors", default=None, metavar="CKPT",
                    help="print, for a stage-2 checkpoint on the built-in data, the eps error by t of its DDPM, of "
