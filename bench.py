@@ -66,7 +66,6 @@ class Setting:
     def __init__(self, preset, device, precision, channels_last, compiled, batch):
         import torch
         import diffusion
-        import train
         self.dm, self.dcfg, self.discfg = preset_configs(preset)
         self.ucfg = config.unet_config(self.dm)
         self.device, self.precision, self.compiled = device, precision, compiled
@@ -117,7 +116,6 @@ class Setting:
         """(step function, number of parameters it touches) for one op."""
         import torch
         import diffusion
-        import train
         import runtime
         from diti import cumulative_mask, diti_loss
         from unet import UNet, eps_and_shift

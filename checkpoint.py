@@ -1,6 +1,6 @@
 """Checkpoints: written atomically, loadable with weights_only=True, holding everything an exact resume needs
 (weights, EMA, optimiser, the loss log, every random state), and the checks that a resume or a reused DDPM
-matches the flags of the command that continues it. train.fit writes them; every later stage reads them.
+matches the flags of the command that continues it. loop.fit writes them; every later stage reads them.
 """
 import os
 import random

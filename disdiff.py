@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 import checkpoint
 import config
+import loop
 import runtime
 from diffusion import at, ddim_invert, ddim_sample, linear_schedule, pdae_weight, predict_x0, q_sample, shift_coef
 from diti import Encoder
@@ -261,7 +262,7 @@ def train_disdiff(cfg, resume=False):
     unet, dm_ckpt = train.load_frozen_unet(cfg.dm, device)
     dm_cfg = dm_ckpt["config"]
     dataset = train.load_train_split(dm_cfg, rank, world)
-    stream = train.make_stream(cfg, dataset, rank, world)
+    stream = loop.make_stream(cfg, dataset, rank, world)
     sched = linear_schedule().to(device)
     model = build_disdiff(dm_ckpt, cfg).to(device)
     hazard = HazardByTime(sched.T)
@@ -280,7 +281,7 @@ def train_disdiff(cfg, resume=False):
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"])
     make_opt = lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
-        return train.fit(cfg, "disdiff", model, loss_fn, stream, device, rank, world, resume, extra,
+        return loop.fit(cfg, "disdiff", model, loss_fn, stream, device, rank, world, resume, extra,
                          make_opt=make_opt, lr_at=warmup_lr(cfg))
     finally:                                  # also when the loss blew up: that is when the table matters
         if rank == 0 and hazard.count.sum() > 0:

@@ -1,5 +1,5 @@
 """Where and how training runs: the device, the numeric precision, and the processes of a torchrun launch
-(train.py's loop calls these; bench.py, evaluate.py and disdiff.py pick their device here too), and what one
+(loop.py's training loop calls these; bench.py, evaluate.py and disdiff.py pick their device here too), and what one
 call costs there in seconds and peak memory (bench.py).
 """
 import ctypes
