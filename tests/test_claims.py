@@ -1,12 +1,14 @@
-"""The claims runner (issue 12): a tiny grid writes every key, and a re-run resumes without retraining."""
+"""The claims runner and its tables (issue 12): a tiny grid writes every key, and a re-run resumes without
+retraining."""
 import json
 import os
 
 import claims
+import claims_table
 
 
 def test_grid_rows_cover_modes_partitions_ks_and_the_controls():
-    rows = claims.grid_rows()
+    rows = claims_table.grid_rows()
     assert len(rows) == 10 and "stop_grad-fitted-k8" in rows and "base-uniform-k4" in rows
     assert rows[-2:] == ["pdae", "disdiff"] and claims.row_stage("disdiff") == "disdiff"
 
@@ -32,10 +34,10 @@ def test_answer_needs_every_factor_every_seed_and_stop_grad():
             "usage": dict(rho_mean=0.1, n_factors=3, rho_seeds=2)}
     partial = {"seeds": 2, "probe_map": dict(rho_mean=1.0, n_factors=2, rho_seeds=2)}
     one_seed = {"seeds": 2, "probe_map": dict(rho_mean=1.0, n_factors=3, rho_seeds=1)}
-    assert "stop_grad-uniform-k8 (probe_map)" in claims.answer(c, {"stop_grad-uniform-k8": full})
-    assert claims.answer(c, {"base-uniform-k8": full}).startswith("In no stop_grad row")
-    assert claims.answer(c, {"stop_grad-uniform-k8": partial}).startswith("In no stop_grad row")
-    assert claims.answer(c, {"stop_grad-uniform-k8": one_seed}).startswith("In no stop_grad row")
+    assert "stop_grad-uniform-k8 (probe_map)" in claims_table.answer(c, {"stop_grad-uniform-k8": full})
+    assert claims_table.answer(c, {"base-uniform-k8": full}).startswith("In no stop_grad row")
+    assert claims_table.answer(c, {"stop_grad-uniform-k8": partial}).startswith("In no stop_grad row")
+    assert claims_table.answer(c, {"stop_grad-uniform-k8": one_seed}).startswith("In no stop_grad row")
 
 
 def test_a_spearman_that_exists_in_one_seed_says_so():
@@ -43,10 +45,10 @@ def test_a_spearman_that_exists_in_one_seed_says_so():
     def run(seed, rho, factors):
         view = dict(rho=rho, factors=factors, spread=[1.0, 3.0] if rho is not None else [1.0, 2.0], rho_all=0.1)
         return dict(row="stop_grad-uniform-k8", seed=seed, steps=10, dm_steps=10, batch_size=2, dci_d=0.5, mse=0.1,
-                    probe={}, learned=factors, **{v: view for v in claims.VIEWS})
+                    probe={}, learned=factors, **{v: view for v in claims_table.VIEWS})
     c = dict(rows=["stop_grad-uniform-k8"], loss_times={},
              runs={"seed0/x": run(0, None, ["a", "b"]), "seed1/x": run(1, -0.5, ["a", "b", "c"])})
-    e = claims.aggregate(c)["stop_grad-uniform-k8"]
+    e = claims_table.aggregate(c)["stop_grad-uniform-k8"]
     assert (e["probe_map"]["rho"], e["probe_map"]["rho_seeds"], e["probe_map"]["n_factors"]) == ("-0.50", 1, 3)
     assert e["learned"] == {0: ["a", "b"], 1: ["a", "b", "c"]}
 
@@ -83,12 +85,12 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
 def test_options_beyond_the_paper_are_named_in_the_scope_line():
     c = dict(overrides=dict(dm=["--steps", "10", "--fine-loss-time", "140", "--base-channels", "32"],
                             diti_fields=dict(steps=10, loss_gamma=1.0, encoder_heads=True)))
-    assert claims.preset_options(c) == [("loss_gamma", 1.0), ("encoder_heads", True), ("fine_loss_time", "140"),
+    assert claims_table.preset_options(c) == [("loss_gamma", 1.0), ("encoder_heads", True), ("fine_loss_time", "140"),
                                       ("base_channels", "32")]
-    assert claims.scope(dict(c, preset="tiny", runs={}), {}).endswith(". Options beyond the `tiny` preset: "
+    assert claims_table.scope(dict(c, preset="tiny", runs={}), {}).endswith(". Options beyond the `tiny` preset: "
                                                                       "--loss-gamma 1.0, --encoder-heads, "
                                                                       "--fine-loss-time 140, --base-channels 32.")
-    assert "Options" not in claims.scope(dict(preset="tiny", runs={}), {})
+    assert "Options" not in claims_table.scope(dict(preset="tiny", runs={}), {})
 
 
 def test_runs_written_by_another_process_are_kept(tmp_path):
@@ -103,7 +105,7 @@ def test_runs_written_by_another_process_are_kept(tmp_path):
 
 def test_a_precision_for_both_stages_is_named_once():
     c = dict(overrides=dict(dm=["--precision", "fp32"], diti_fields=dict(steps=10, precision="fp32")))
-    assert claims.preset_options(c) == [("precision", "fp32")]
+    assert claims_table.preset_options(c) == [("precision", "fp32")]
 
 
 def test_the_lock_lets_one_writer_in_at_a_time(tmp_path):
