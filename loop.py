@@ -12,8 +12,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from checkpoint import check_same_data, check_same_model, config_diff, load_checkpoint, rng_state, save_checkpoint, \
-    set_rng_state
+from checkpoint import (check_same_data, check_same_model, config_diff, load_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
 from config import UserError
 from plots import bar_plot
 from runtime import autocast, average_gradients, gather_rows, mean_over_ranks
