@@ -282,7 +282,7 @@ def train_disdiff(cfg, resume=False):
     make_opt = lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
         return loop.fit(cfg, "disdiff", model, loss_fn, stream, device, rank, world, resume, extra,
-                         make_opt=make_opt, lr_at=warmup_lr(cfg))
+                        make_opt=make_opt, lr_at=warmup_lr(cfg))
     finally:                                  # also when the loss blew up: that is when the table matters
         if rank == 0 and hazard.count.sum() > 0:
             os.makedirs(cfg.out, exist_ok=True)

@@ -136,15 +136,14 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
         GPU every step), stop at the first non-finite loss, and log them in order."""
         if not pending:
             return
-        figures = torch.stack([p[2] for p in pending]).tolist()
-        per_sample, t = (torch.stack([p[i] for p in pending]).cpu() for i in (3, 4))
-        for i, (step, names, _, _, _) in enumerate(pending):
-            loss_value, *values = figures[i]
+        steps, names, figures, per_sample, t = zip(*pending)
+        figures, per_sample, t = torch.stack(figures).tolist(), torch.stack(per_sample).cpu(), torch.stack(t).cpu()
+        for step, keys, (loss_value, *values), rows, rows_t in zip(steps, names, figures, per_sample, t):
             if not math.isfinite(loss_value):
                 raise UserError(f"the {kind} loss became {loss_value} at step {step + 1}: stopped; {last_good()} "
                                 f"(lower --lr or use --precision fp32, then --resume)")
-            hist.add(per_sample[i], t[i])
-            log.append(dict(step=step + 1, loss=loss_value, **dict(zip(names, values))))
+            hist.add(rows, rows_t)
+            log.append(dict(step=step + 1, loss=loss_value, **dict(zip(keys, values))))
         pending.clear()
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=kind, disable=rank != 0,
