@@ -191,6 +191,8 @@ def main(argv=None):
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
+    p.add_argument("--texture-cell", type=int, default=None,
+                   help="beyond the paper: the texture's checker in cells of this many pixels (train.py dm --texture-cell)")
     p.add_argument("--base-channels", type=int, default=None,
                    help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
     p.add_argument("--precision", default=None,
@@ -222,6 +224,7 @@ def main(argv=None):
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
     overrides = dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
                      + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
+                     + (["--texture-cell", str(a.texture_cell)] if a.texture_cell else [])
                      + (["--base-channels", str(a.base_channels)] if a.base_channels else [])
                      + (["--precision", a.precision] if a.precision else []),
                      diti_fields={**(dict(steps=a.steps) if a.steps else {}),

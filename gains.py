@@ -15,8 +15,18 @@ DDPM, of the run itself and of the exact denoiser, i.e. how much of what z can e
 
     python gains.py                        # 16 px (the claims preset), the data as built
     python gains.py --fine-loss-time 140   # with the fine factors strengthened (train.py dm --fine-loss-time)
+
+And what a decoder realises of it when z is the truth (`--oracle DM_CKPT`): G of SPEC §3 on the frozen DDPM,
+trained with z = the one-hot labels (each factor's block zeroed, i.e. unknown, with probability 1/2), no
+encoder. Its realised gain for factor f at t is the weighted loss with f's block zeroed minus with every block
+known; the exact one is gain(all factors) - gain(all but f) under the exact denoiser. Their ratio is the part
+of what the loss pays for f that this decoder can draw: where it is near 0, no encoder can be taught f.
+
+    python gains.py --oracle runs/claims_fine140_s105k/seed0/dm/ckpt.pt --oracle-steps 20000 --out runs/oracle
 """
 import argparse
+import json
+import os
 
 import numpy as np
 import torch
@@ -26,10 +36,12 @@ import config
 import data
 import diffusion
 import metrics
+import plots
 import synthetic
 import train
+from checkpoint import load_checkpoint, save_checkpoint
 from diti import cumulative_mask
-from unet import eps_and_shift
+from unet import ShiftDecoder, eps_and_shift
 
 TIMES = tuple(range(0, 1000, 50))
 SHOWN = (50, 100, 150, 200, 300, 400, 500, 600, 800)
@@ -120,13 +132,121 @@ def eps_error_table(ckpt_path, errors, times=EPS_TIMES):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The oracle decoder: what G can draw of each factor when z is the truth
+
+ORACLE_TIMES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800)
+
+
+def one_hot_labels(generator, labels, known):
+    """z of the oracle: each factor's one-hot block, zeroed where known[:, f] is False. (B, sum of values)."""
+    blocks = [torch.nn.functional.one_hot(labels[:, f], v).float() * known[:, f:f + 1]
+              for f, v in enumerate(generator.num_values)]
+    return torch.cat(blocks, 1)
+
+
+def oracle_loss(unet, decoder, sched, x0, z, t, eps, gamma=0.1):
+    """The DiTi loss of SPEC §2 with z given: per-sample weight_t * sum over pixels of the eps error, (B,)."""
+    x_t = diffusion.q_sample(sched, x0, t, eps)
+    eps_theta, G = eps_and_shift(unet, decoder, x_t, t, z)
+    pred = eps_theta + diffusion.shift_coef(sched, t).view(-1, 1, 1, 1) * G
+    return diffusion.pdae_weight(sched, t, gamma) * (eps - pred).pow(2).flatten(1).sum(1)
+
+
+def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma=0.1, n_eval=256):
+    """Train G on the frozen DDPM of dm_path with z = the (half-known) labels; resumes from out/oracle.pt.
+    After each step in evals (and the last) writes out/oracle.json: {step: realised (F, T)}."""
+    unet, ck = train.load_frozen_unet(dm_path, "cpu")
+    gen, sched = train.synthetic_generator(ck["config"]), diffusion.linear_schedule()
+    labels, images = synthetic.all_images(gen)                          # every image of the data, (N, C * H * W)
+    size = ck["config"]["image_size"]
+    X, lab = torch.from_numpy(images).float().view(len(labels), -1, size, size) / 127.5 - 1, torch.from_numpy(labels)
+    decoder = ShiftDecoder(unet.cfg, sum(gen.num_values))
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    path, done, results = os.path.join(out, "oracle.pt"), 0, {}
+    if os.path.isfile(path):
+        state = load_checkpoint(path, kind="oracle")
+        trained_gamma = state.get("gamma", 0.1)                   # (the first oracles did not record it)
+        if trained_gamma != gamma:
+            raise config.UserError(f"{path} was trained with --gamma {trained_gamma}: pass that or another --out")
+        decoder.load_state_dict(state["decoder"]), opt.load_state_dict(state["opt"])
+        done, results = state["step"], json.loads(state["results"])
+    rng = torch.Generator().manual_seed(seed * 1000003 + done)
+    for step in tqdm(range(done + 1, steps + 1), initial=done, total=steps, desc="oracle G"):
+        rows = torch.randint(0, len(X), (batch,), generator=rng)
+        known = torch.rand(batch, len(gen.num_values), generator=rng) < 0.5
+        t = torch.randint(0, sched.T, (batch,), generator=rng)
+        eps = torch.randn(X[rows].shape, generator=rng)
+        loss = oracle_loss(unet, decoder, sched, X[rows], one_hot_labels(gen, lab[rows], known), t, eps, gamma)
+        opt.zero_grad(set_to_none=True)
+        (loss.mean() / X[0].numel()).backward()
+        opt.step()
+        if step in evals or step == steps:
+            results[str(step)] = realised_gains(unet, decoder, sched, gen, X, lab, n_eval, gamma=gamma).tolist()
+            save_checkpoint(path, dict(kind="oracle", decoder=decoder.state_dict(), opt=opt.state_dict(), step=step,
+                                       gamma=gamma, results=json.dumps(results)))
+            with open(os.path.join(out, "oracle.json"), "w") as f:
+                json.dump(dict(times=ORACLE_TIMES, factors=gen.factor_names, realised=results), f)
+    return gen, results
+
+
+@torch.no_grad()
+def realised_gains(unet, decoder, sched, gen, X, lab, n=256, times=ORACLE_TIMES, gamma=0.1, seed=0):
+    """(F, T): per factor and t, the oracle's weighted loss with that factor's block zeroed minus with every
+    block known, mean over the same n images and eps (the units of factor_gains)."""
+    rows = torch.from_numpy(np.random.default_rng(seed).choice(len(X), n, replace=False))
+    x0, F = X[rows], len(gen.num_values)
+    z_all = one_hot_labels(gen, lab[rows], torch.ones(n, F, dtype=torch.bool))
+    out = np.zeros((F, len(times)))
+    for j, t in enumerate(times):
+        t_all, eps = torch.full((n,), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+        full = oracle_loss(unet, decoder, sched, x0, z_all, t_all, eps, gamma).mean()
+        for f in range(F):
+            known = torch.ones(n, F, dtype=torch.bool)
+            known[:, f] = False
+            z = one_hot_labels(gen, lab[rows], known)
+            out[f, j] = (oracle_loss(unet, decoder, sched, x0, z, t_all, eps, gamma).mean() - full).item()
+    return out
+
+
+def marginal_gains(gen, n=128, times=ORACLE_TIMES, gamma=0.1):
+    """(F, T) under the exact denoiser: gain(every factor) - gain(every factor but f)."""
+    F = len(gen.num_values)
+    groups = [tuple(range(F))] + [tuple(g for g in range(F) if g != f) for f in range(F)]
+    gain = factor_gains(gen, n, times, gamma, groups=groups)["gain"]
+    return gain[0][None] - gain[1:]
+
+
+def oracle_table(gen, realised, exact, loss_times, times=ORACLE_TIMES):
+    """Markdown: per factor (coarse first), realised / exact at each t and over all of them (sums over t)."""
+    lines = ["| factor (t_f) | " + " | ".join(f"t={t}" for t in times) + " | realised / exact, all t |",
+             "|---|" + "---|" * (len(times) + 1)]
+    for f in sorted(range(len(loss_times)), key=lambda f: -loss_times[f]):
+        r, e = np.asarray(realised[f]), np.asarray(exact[f])
+        cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(r, e)]
+        lines.append(f"| {gen.factor_names[f]} ({loss_times[f]}) | " + " | ".join(cells)
+                     + f" | {r.sum() / max(e.sum(), 1e-12):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the DiTi loss pays for each factor of the built-in data, by t.")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--fine-loss-time", type=int, default=0, help="as train.py dm --fine-loss-time (0 = off)")
     p.add_argument("--n", type=int, default=128, help="images drawn from the data")
     p.add_argument("--gamma", type=float, default=0.1, help="PDAE's gamma of the loss weight (paper 0.1)")
+    p.add_argument("--oracle", metavar="DM_CKPT", help="train G on this frozen DDPM with z = the true labels and "
+                   "compare what it realises of each factor with what the exact denoiser allows")
+    p.add_argument("--oracle-steps", type=int, default=20000)
+    p.add_argument("--oracle-evals", default="2000,5000,10000", help="steps at which to measure as well")
+    p.add_argument("--oracle-n", type=int, default=256, help="images the oracle's realised gains are measured on")
+    p.add_argument("--out", default="runs/oracle", help="the oracle's folder (resumes from its oracle.pt)")
     a = p.parse_args(argv)
+    try:
+        if a.oracle:
+            return oracle_main(a)
+    except config.UserError as e:
+        raise SystemExit(f"error: {e}")
     gen = synthetic.Synthetic(a.size, 0, fine_loss_time=a.fine_loss_time)
     loss_times = [int(v) for v in synthetic.attribute_loss_curves(gen)[1]]
     result = factor_gains(gen, a.n, gamma=a.gamma)
@@ -134,6 +254,32 @@ def main(argv=None):
           f"images) that knowing one factor removes under the exact denoiser; {a.size} px"
           + (f", --fine-loss-time {a.fine_loss_time}" if a.fine_loss_time else "") + ":\n")
     print(gains_table(gen, result, loss_times))
+
+
+def oracle_main(a):
+    evals = {int(s) for s in a.oracle_evals.split(",") if s}
+    gen, results = train_oracle(a.oracle, a.oracle_steps, a.out, evals=evals, gamma=a.gamma, n_eval=a.oracle_n)
+    loss_times = [int(v) for v in synthetic.attribute_loss_curves(gen)[1]]
+    exact = marginal_gains(gen, a.n, gamma=a.gamma)
+    text = ["# What G realises of each factor with z = the true labels (gains.py --oracle)", "",
+            f"    python gains.py --oracle {a.oracle} --oracle-steps {a.oracle_steps} --out {a.out}"
+            + (f" --gamma {a.gamma:g}" if a.gamma != 0.1 else ""), "",
+            "Weighted eps error (weight_t, gamma %g, summed over pixels, mean over images) that knowing factor f "
+            "removes when every other factor is known: realised by the oracle G / allowed by the exact denoiser."
+            % a.gamma]
+    for step in sorted(results, key=int):
+        text += ["", f"After {int(step)} steps:", "", oracle_table(gen, results[step], exact, loss_times)]
+    text = "\n".join(text) + "\n"
+    with open(os.path.join(a.out, "oracle.md"), "w") as f:
+        f.write(text)
+    steps = sorted(results, key=int)
+    share = [[np.sum(results[s][f]) / max(exact[f].sum(), 1e-12) for s in steps] for f in range(len(exact))]
+    order = sorted(range(len(exact)), key=lambda f: -loss_times[f])
+    plots.line_plot([int(s) for s in steps], [share[f] for f in order],
+                    [f"{gen.factor_names[f]} ({loss_times[f]})" for f in order], os.path.join(a.out, "oracle.png"),
+                    title="oracle G: realised / exact gain of each factor (t_f)", xlabel="steps",
+                    ylim=(min(-0.1, np.min(share)), max(1.1, np.max(share))))
+    print(text)
 
 
 if __name__ == "__main__":

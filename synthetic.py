@@ -72,10 +72,12 @@ def shape_inside(shape, dx, dy, r):
 class Synthetic:
     """Renders 32x32 (or size x size) RGB images from label vectors of the FACTORS above."""
 
-    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None, fine_loss_time=0):
+    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None, fine_loss_time=0, texture_cell=1):
         """fine_loss_time > 0 (beyond the paper, off by default) raises the contrast of the FINE factors so
-        that each is lost at about that t instead (keep it below 150 so they stay fine; see strengthen_fine)."""
-        self.size, self.seed, self.unit = size, seed, size / 32
+        that each is lost at about that t instead (keep it below 150 so they stay fine; see strengthen_fine).
+        texture_cell > 1 (beyond the paper) draws the texture's checker in cells of that many pixels: the same
+        pixel energy (so about the same t_f), a lower spatial frequency than SPEC's 1-pixel one."""
+        self.size, self.seed, self.unit, self.texture_cell = size, seed, size / 32, texture_cell
         self.amp = {k: strength * v / self.unit for k, v in {**AMPLITUDES, **(amplitudes or {})}.items()}
         self.factor_names = [name for name, _ in FACTORS]
         self.value_names = [values for _, values in FACTORS]
@@ -87,7 +89,8 @@ class Synthetic:
         if not self._stripe.any():      # below 32 px no row centre falls in the line: its row, dimmed so
             self._stripe[int(STRIPE_ROW * self.unit)] = math.sqrt(self.unit)   # that ||x0 - x0'|| is kept
         self._corner = (pix[:, None] < CORNER_BOX) & (pix[None, :] < CORNER_BOX)      # (S, S)
-        self._checker = np.where((np.arange(size)[:, None] + np.arange(size)) % 2 == 0, 1.0, -1.0)
+        cell = np.arange(size) // texture_cell
+        self._checker = np.where((cell[:, None] + cell) % 2 == 0, 1.0, -1.0)
         angles = 2 * np.pi * np.arange(NUM_HUES) / NUM_HUES
         self._hues = np.stack([np.cos(angles - k * 2 * np.pi / 3) for k in range(3)], 1)  # (K, 3)
         if fine_loss_time:
@@ -109,6 +112,8 @@ class Synthetic:
         """A short hash of every rendering constant, so caches follow any change of them."""
         consts = (RENDER_VERSION, FACTORS, BACKGROUNDS, X_CENTRES, Y_CENTRES, HALF_SIZES, OBJECT_LEVEL, STRIPE_ROW, CORNER_BOX,
                   RING_WIDTH, SUPERSAMPLE, sorted(self.amp.items()))
+        if self.texture_cell > 1:                                     # (so the default data keeps its caches)
+            consts += (self.texture_cell,)
         return hashlib.sha1(repr(consts).encode()).hexdigest()[:10]
 
     def factor_index(self, factor):

@@ -68,8 +68,9 @@ def frozen_eps(unet, dm_config, exact):
 
 def synthetic_generator(dm_config):
     """The built-in data's renderer for a DDPM config (a dict), as the data loader builds it."""
-    fine_loss_time = synthetic_options(dm_config)["fine_loss_time"]
-    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"], fine_loss_time=fine_loss_time)
+    options = synthetic_options(dm_config)
+    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"], fine_loss_time=options["fine_loss_time"],
+                               texture_cell=options["texture_cell"])
 
 
 def build_diti(dm_ckpt, cfg):
@@ -100,7 +101,8 @@ def synthetic_options(dm_config):
     fine_loss_time: they were trained on the default data."""
     if dm_config["data"] != "synthetic":
         return {}
-    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time))
+    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time),
+                texture_cell=dm_config.get("texture_cell", DMConfig.texture_cell))
 
 
 def load_train_split(dm_config, rank=0, world=1):

@@ -362,3 +362,19 @@ def test_fine_loss_time_makes_the_fine_factors_stronger_and_lost_where_asked(siz
     assert strong.fingerprint() != base.fingerprint()                     # its own cache file
     with pytest.raises(ValueError, match="fine_loss_time"):
         data.Synthetic(size=size, fine_loss_time=1000)
+
+
+def test_texture_cell_draws_the_checker_in_larger_cells_with_the_same_energy():
+    """Beyond the paper (--texture-cell): the texture's checker in 2 x 2 cells (hand-worked corner below); its
+    pixel energy, and so its loss time, is that of the 1-pixel checker; nothing else changes."""
+    base, coarse = data.Synthetic(size=16), data.Synthetic(size=16, texture_cell=2)
+    assert coarse._checker[:4, :4].tolist() == [[1, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, 1]]
+    labels = base.sample_labels(64, np.random.default_rng(0))
+    plain, textured = base.with_value(labels, "texture", 0), base.with_value(labels, "texture", 1)
+    assert np.array_equal(coarse.render_float(plain), base.render_float(plain))
+    diff = coarse.render_float(textured) - coarse.render_float(plain)
+    cov = coarse.coverage(textured)[..., None]
+    assert np.allclose(diff, coarse.amp["texture"] * coarse._checker[None, :, :, None] * cov)
+    t = base.factor_names.index("texture")
+    assert abs(int(synthetic.attribute_loss_curves(coarse)[1][t]) - int(synthetic.attribute_loss_curves(base)[1][t])) <= 3
+    assert coarse.fingerprint() != base.fingerprint() == data.Synthetic(size=16, texture_cell=1).fingerprint()

@@ -1,5 +1,8 @@
 """gains.py: what the DiTi loss pays for each factor under the exact denoiser (beyond the paper; issue 12)."""
+import json
+
 import numpy as np
+import pytest
 import torch
 
 import diffusion
@@ -50,3 +53,68 @@ def test_command_line_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "| background (" in out and "| exact (knowing x0) |" in out and out.count("\n|") == 13
     assert "Spearman(mean t, t_f) over all 10 factors" in out
+
+
+# ----------------------------------------------------------------------------- the oracle decoder (gains.py --oracle)
+
+def test_one_hot_labels_zeroes_the_blocks_of_unknown_factors():
+    gen = synthetic.Synthetic(8, 0)                                   # blocks of 4, 5, 5, 3, 4, 6, 2, 2, 2, 2 values
+    labels = torch.tensor([[3, 0, 4, 2, 1, 5, 1, 0, 1, 1]])
+    known = torch.ones(1, 10, dtype=torch.bool)
+    known[0, 1] = known[0, 5] = False
+    z = gains.one_hot_labels(gen, labels, known)[0]
+    assert z.shape == (35,)
+    assert z.nonzero().flatten().tolist() == [3, 4 + 5 + 4, 14 + 2, 17 + 1, 27 + 1, 29 + 0, 31 + 1, 33 + 1]
+
+
+class ReadsOneFactor(torch.nn.Module):
+    """G = (z's value in factor f's first one-hot slot) x a fixed image: only f's block moves the loss."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start, self.image = start, torch.randn(1, 3, 8, 8)
+
+    def forward(self, feats, z):
+        return z[:, self.start].view(-1, 1, 1, 1) * self.image
+
+
+class NoisyZeroUNet:
+    """eps_theta = 0 whatever x_t; features ignored by ReadsOneFactor."""
+
+    def encode(self, x, t):
+        return None
+
+    def eps_from(self, feats, x, t):
+        return torch.zeros_like(x)
+
+
+def test_realised_gains_are_zero_for_a_decoder_that_ignores_z_and_land_on_the_factor_it_reads():
+    gen, sched = synthetic.Synthetic(8, 0), diffusion.linear_schedule()
+    labels, images = synthetic.all_images(gen)
+    X, lab = torch.from_numpy(images).float().view(-1, 3, 8, 8) / 127.5 - 1, torch.from_numpy(labels)
+    ignores = lambda feats, z: torch.zeros(z.shape[0], 3, 8, 8)       # noqa: E731
+    assert np.abs(gains.realised_gains(NoisyZeroUNet(), ignores, sched, gen, X, lab, n=32, times=(100,))).max() == 0
+    hue = gen.factor_names.index("hue")                                  # its block starts after 4 + 5 + 5 + 3 + 4
+    r = gains.realised_gains(NoisyZeroUNet(), ReadsOneFactor(21), sched, gen, X, lab, n=64, times=(100, 500))
+    assert np.count_nonzero(r) == 2 and np.all(r[hue] != 0)
+
+
+def test_oracle_trains_resumes_and_writes_its_tables(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("DITI_CACHE", str(tmp_path / "cache"))
+    import train
+    dm = tmp_path / "dm"
+    train.main(["dm", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--n-train", "32", "--image-size", "8",
+                "--sample-steps", "1", "--out", str(dm)])
+    out = tmp_path / "oracle"
+    args = ["--oracle", str(dm / "ckpt.pt"), "--out", str(out), "--n", "4", "--oracle-n", "8", "--oracle-evals", "2"]
+    gains.main(args + ["--oracle-steps", "3"])
+    first = json.loads((out / "oracle.json").read_text())
+    assert sorted(first["realised"]) == ["2", "3"] and np.asarray(first["realised"]["3"]).shape == (10, 10)
+    md = (out / "oracle.md").read_text()
+    assert md.count("| texture (") == 2 and "After 3 steps:" in md and (out / "oracle.png").stat().st_size > 0
+    gains.train_oracle(str(dm / "ckpt.pt"), 5, str(out), evals={2}, n_eval=8)          # resumes at step 3
+    second = json.loads((out / "oracle.json").read_text())
+    assert sorted(second["realised"]) == ["2", "3", "5"] and second["realised"]["3"] == first["realised"]["3"]
+    assert torch.load(out / "oracle.pt", weights_only=True)["step"] == 5
+    with pytest.raises(SystemExit, match="was trained with --gamma 0.1: pass that"):
+        gains.main(args + ["--oracle-steps", "6", "--gamma", "1"])

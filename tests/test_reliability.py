@@ -352,8 +352,8 @@ def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt,
 
 
 def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
-    """--fine-loss-time changes the data: a DDPM trained without it is not continued with it (nor reused by
-    claims.py), and a loss time out of range is refused before any work."""
+    """--fine-loss-time and --texture-cell change the data: a DDPM trained without them is not continued with
+    them (nor reused by claims.py), and values out of range are refused before any work."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(dm_ckpt.read_bytes())
@@ -362,6 +362,9 @@ def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "fine_loss_time: 0 -> 140")
     assert snapshot(out / "ckpt.pt") == before
     assert_user_error(train(env, "dm", *DM, "--fine-loss-time", 1000), "--fine-loss-time must be 0 (off)")
+    result = train(env, "dm", *DM, "--texture-cell", 2, "--resume", "--out", out)
+    assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "texture_cell: 1 -> 2")
+    assert_user_error(train(env, "dm", *DM, "--texture-cell", 0), "--texture-cell must be 1")
 
 
 def test_claims_does_not_reuse_a_ddpm_of_another_width(dm_ckpt, tmp_path):
