@@ -98,7 +98,7 @@ def tv_curves_for(dm_config):
 
 def synthetic_options(dm_config):
     """The built-in data's options held in a DDPM config (a dict); {} for real data. Older checkpoints lack
-    fine_loss_time: they were trained on the default data."""
+    fine_loss_time and texture_cell: they were trained on the default data."""
     if dm_config["data"] != "synthetic":
         return {}
     return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time),
