@@ -154,16 +154,17 @@ def oracle_loss(unet, decoder, sched, x0, z, t, eps, gamma=0.1):
 
 
 def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma=0.1, n_eval=256):
-    """Train G on the frozen DDPM of dm_path with z = the (half-known) labels; resumes from out/oracle.pt.
+    """Train G on the frozen DDPM of dm_path with z = the (half-known) labels; resumes exactly from out/oracle.pt.
     After each step in evals (and the last) writes out/oracle.json: {step: realised (F, T)}."""
     unet, ck = train.load_frozen_unet(dm_path, "cpu")
     gen, sched = train.synthetic_generator(ck["config"]), diffusion.linear_schedule()
     labels, images = synthetic.all_images(gen)                          # every image of the data, (N, C * H * W)
     size = ck["config"]["image_size"]
     X, lab = torch.from_numpy(images).float().view(len(labels), -1, size, size) / 127.5 - 1, torch.from_numpy(labels)
+    train.seed_everything(seed)                                       # G's initial weights
     decoder = ShiftDecoder(unet.cfg, sum(gen.num_values))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
-    path, done, results = os.path.join(out, "oracle.pt"), 0, {}
+    path, done, results, rng = os.path.join(out, "oracle.pt"), 0, {}, torch.Generator().manual_seed(seed)
     if os.path.isfile(path):
         state = load_checkpoint(path, kind="oracle")
         trained_gamma = state.get("gamma", 0.1)                   # (the first oracles did not record it)
@@ -171,7 +172,8 @@ def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma
             raise config.UserError(f"{path} was trained with --gamma {trained_gamma}: pass that or another --out")
         decoder.load_state_dict(state["decoder"]), opt.load_state_dict(state["opt"])
         done, results = state["step"], json.loads(state["results"])
-    rng = torch.Generator().manual_seed(seed * 1000003 + done)
+        if "rng" in state:                                          # (the first oracles did not record it)
+            rng.set_state(state["rng"])
     for step in tqdm(range(done + 1, steps + 1), initial=done, total=steps, desc="oracle G"):
         rows = torch.randint(0, len(X), (batch,), generator=rng)
         known = torch.rand(batch, len(gen.num_values), generator=rng) < 0.5
@@ -184,7 +186,7 @@ def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma
         if step in evals or step == steps:
             results[str(step)] = realised_gains(unet, decoder, sched, gen, X, lab, n_eval, gamma=gamma).tolist()
             save_checkpoint(path, dict(kind="oracle", decoder=decoder.state_dict(), opt=opt.state_dict(), step=step,
-                                       gamma=gamma, results=json.dumps(results)))
+                                       gamma=gamma, rng=rng.get_state(), results=json.dumps(results)))
             with open(os.path.join(out, "oracle.json"), "w") as f:
                 json.dump(dict(times=ORACLE_TIMES, factors=gen.factor_names, realised=results), f)
     return gen, results
@@ -217,15 +219,19 @@ def marginal_gains(gen, n=128, times=ORACLE_TIMES, gamma=0.1):
     return gain[0][None] - gain[1:]
 
 
+def realised_share(realised, exact):
+    """(F,): each factor's realised gain over its exact one, both summed over t."""
+    return np.sum(realised, 1) / np.maximum(np.sum(exact, 1), 1e-12)
+
+
 def oracle_table(gen, realised, exact, loss_times, times=ORACLE_TIMES):
     """Markdown: per factor (coarse first), realised / exact at each t and over all of them (sums over t)."""
     lines = ["| factor (t_f) | " + " | ".join(f"t={t}" for t in times) + " | realised / exact, all t |",
              "|---|" + "---|" * (len(times) + 1)]
+    share = realised_share(realised, exact)
     for f in sorted(range(len(loss_times)), key=lambda f: -loss_times[f]):
-        r, e = np.asarray(realised[f]), np.asarray(exact[f])
-        cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(r, e)]
-        lines.append(f"| {gen.factor_names[f]} ({loss_times[f]}) | " + " | ".join(cells)
-                     + f" | {r.sum() / max(e.sum(), 1e-12):.2f} |")
+        cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(realised[f], exact[f])]
+        lines.append(f"| {gen.factor_names[f]} ({loss_times[f]}) | " + " | ".join(cells) + f" | {share[f]:.2f} |")
     return "\n".join(lines)
 
 
@@ -267,13 +273,13 @@ def oracle_main(a):
             "Weighted eps error (weight_t, gamma %g, summed over pixels, mean over images) that knowing factor f "
             "removes when every other factor is known: realised by the oracle G / allowed by the exact denoiser."
             % a.gamma]
-    for step in sorted(results, key=int):
+    steps = sorted(results, key=int)
+    for step in steps:
         text += ["", f"After {int(step)} steps:", "", oracle_table(gen, results[step], exact, loss_times)]
     text = "\n".join(text) + "\n"
     with open(os.path.join(a.out, "oracle.md"), "w") as f:
         f.write(text)
-    steps = sorted(results, key=int)
-    share = [[np.sum(results[s][f]) / max(exact[f].sum(), 1e-12) for s in steps] for f in range(len(exact))]
+    share = np.stack([realised_share(results[s], exact) for s in steps], 1)                  # (F, steps)
     order = sorted(range(len(exact)), key=lambda f: -loss_times[f])
     plots.line_plot([int(s) for s in steps], [share[f] for f in order],
                     [f"{gen.factor_names[f]} ({loss_times[f]})" for f in order], os.path.join(a.out, "oracle.png"),

@@ -116,5 +116,8 @@ def test_oracle_trains_resumes_and_writes_its_tables(tmp_path, monkeypatch, one_
     second = json.loads((out / "oracle.json").read_text())
     assert sorted(second["realised"]) == ["2", "3", "5"] and second["realised"]["3"] == first["realised"]["3"]
     assert torch.load(out / "oracle.pt", weights_only=True)["step"] == 5
+    whole = tmp_path / "whole"                                             # resume is exact: 0 -> 5 in one go
+    uninterrupted = gains.train_oracle(str(dm / "ckpt.pt"), 5, str(whole), evals={2}, n_eval=8)[1]
+    assert uninterrupted == {k: second["realised"][k] for k in ("2", "5")}
     with pytest.raises(SystemExit, match="was trained with --gamma 0.1: pass that"):
         gains.main(args + ["--oracle-steps", "6", "--gamma", "1"])
