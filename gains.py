@@ -199,14 +199,12 @@ def realised_gains(unet, decoder, sched, gen, X, lab, n=256, times=ORACLE_TIMES,
     rows = torch.from_numpy(np.random.default_rng(seed).choice(len(X), n, replace=False))
     x0, F = X[rows], len(gen.num_values)
     z_all = one_hot_labels(gen, lab[rows], torch.ones(n, F, dtype=torch.bool))
+    z_without = [one_hot_labels(gen, lab[rows], (torch.arange(F) != f).expand(n, F)) for f in range(F)]
     out = np.zeros((F, len(times)))
     for j, t in enumerate(times):
         t_all, eps = torch.full((n,), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
         full = oracle_loss(unet, decoder, sched, x0, z_all, t_all, eps, gamma).mean()
-        for f in range(F):
-            known = torch.ones(n, F, dtype=torch.bool)
-            known[:, f] = False
-            z = one_hot_labels(gen, lab[rows], known)
+        for f, z in enumerate(z_without):
             out[f, j] = (oracle_loss(unet, decoder, sched, x0, z, t_all, eps, gamma).mean() - full).item()
     return out
 
