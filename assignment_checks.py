@@ -14,6 +14,7 @@ import config
 import data
 import diffusion
 import editing
+import plots
 import probes
 import synthetic
 import train
@@ -54,7 +55,7 @@ def check_attribute_loss(seed, fresh):
         print(f"{gen.factor_names[f]:<12} {np.median(dist[f]):>7.3f} {loss_times[f]:>5d} "
               f"{min(loss_times[f] * 8 // 1000, 7):>20d}")
     RUNS.mkdir(parents=True, exist_ok=True)
-    print(f"TV_t curves: {synthetic.plot_tv_curves(curves, gen.factor_names, RUNS / 'tv_curves.png', loss_times)}")
+    print(f"TV_t curves: {plots.plot_tv_curves(curves, gen.factor_names, RUNS / 'tv_curves.png', loss_times)}")
 
 
 def mask_picture(partition, ts, width=64):

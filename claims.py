@@ -187,6 +187,8 @@ def main(argv=None):
                    help="beyond the paper: the frozen eps_theta replaced by the data's exact E[eps | x_t] (train.py diti --exact-eps)")
     p.add_argument("--open-z-path", action="store_true",
                    help="beyond the paper: G's ResBlocks start with their last conv not zero (train.py diti --open-z-path)")
+    p.add_argument("--position-embedding", action="store_true",
+                   help="beyond the paper: G gets a learned position map (train.py diti --position-embedding true)")
     p.add_argument("--t-max", type=int, default=None,
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -234,7 +236,8 @@ def main(argv=None):
                                   **(dict(encoder_heads=True) if a.encoder_heads else {}),
                                   **(dict(t_max=a.t_max) if a.t_max else {}),
                                   **(dict(exact_eps=True) if a.exact_eps else {}),
-                                  **(dict(open_z_path=True) if a.open_z_path else {})})
+                                  **(dict(open_z_path=True) if a.open_z_path else {}),
+                                  **(dict(position_embedding=True) if a.position_embedding else {})})
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

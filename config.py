@@ -58,6 +58,7 @@ class DiTiConfig:
                                        # exact E[eps | x_t] (synthetic.ExactDenoiser), a perfectly trained DDPM
     open_z_path: bool = False          # beyond the paper: G's ResBlocks start with their last conv not zero, so z
                                        # reaches G's output from step 0 (unet.ShiftDecoder; G is still 0 at step 0)
+    position_embedding: bool = False   # beyond the paper: G gets a learned map of where each pixel is (unet.ShiftDecoder)
     t_max: int = 0                     # beyond the paper (0 = off): stage-2 t drawn from {0..t_max-1} only, a probe
                                        # of whether the loss can teach the factors lost below t_max (train_diti)
     batch_size: int = 64

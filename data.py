@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from plots import plot_tv_curves  # noqa: F401
 from synthetic import (Synthetic, attribute_loss_curves, factor_distances, factor_table, loss_curves,  # noqa: F401
-                       loss_gain_shares, pixel_distance, plot_tv_curves, tv_distance)
+                       loss_gain_shares, pixel_distance, tv_distance)
 
 CACHE_VERSION = "v1"          # bump when rendering or preprocessing changes, to invalidate caches
 CELEBA_CROP = (25, 57, 153, 185)                     # SPEC §6: left 25, top 57, 128 x 128

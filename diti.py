@@ -196,13 +196,14 @@ class DiTi(nn.Module):
     """The trainable parts, E and G, and the partition they are trained for. The frozen U-Net is not a
     member: it is passed to the loss so that checkpoints of this module hold only what stage 2 learns."""
 
-    def __init__(self, unet_cfg, partition, encoder_size=None, encoder_grid=1, encoder_heads=False, open_z_path=False):
+    def __init__(self, unet_cfg, partition, encoder_size=None, encoder_grid=1, encoder_heads=False, open_z_path=False,
+                 position_embedding=False):
         super().__init__()
         self.partition = partition
         size = encoder_size or unet_cfg.image_size
         self.encoder = (SubsetEncoders(size, partition, unet_cfg.in_channels, encoder_grid) if encoder_heads
                         else Encoder(size, partition.d, unet_cfg.in_channels, encoder_grid))
-        self.decoder = ShiftDecoder(unet_cfg, partition.d, open_z_path)
+        self.decoder = ShiftDecoder(unet_cfg, partition.d, open_z_path, position_embedding)
 
     def encode(self, x0):
         return self.encoder(x0)

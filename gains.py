@@ -153,16 +153,18 @@ def oracle_loss(unet, decoder, sched, x0, z, t, eps, gamma=0.1):
     return diffusion.pdae_weight(sched, t, gamma) * (eps - pred).pow(2).flatten(1).sum(1)
 
 
-def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma=0.1, n_eval=256):
+def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma=0.1, n_eval=256,
+                 position_embedding=False):
     """Train G on the frozen DDPM of dm_path with z = the (half-known) labels; resumes exactly from out/oracle.pt.
-    After each step in evals (and the last) writes out/oracle.json: {step: realised (F, T)}."""
+    After each step in evals (and the last) writes out/oracle.json: {step: realised (F, T)}.
+    position_embedding: G with unet.ShiftDecoder's learned position map (beyond the paper)."""
     unet, ck = train.load_frozen_unet(dm_path, "cpu")
     gen, sched = train.synthetic_generator(ck["config"]), diffusion.linear_schedule()
     labels, images = synthetic.all_images(gen)                          # every image of the data, (N, C * H * W)
     size = ck["config"]["image_size"]
     X, lab = torch.from_numpy(images).float().view(len(labels), -1, size, size) / 127.5 - 1, torch.from_numpy(labels)
     train.seed_everything(seed)                                       # G's initial weights
-    decoder = ShiftDecoder(unet.cfg, sum(gen.num_values))
+    decoder = ShiftDecoder(unet.cfg, sum(gen.num_values), position_embedding=position_embedding)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     path, done, results, rng = os.path.join(out, "oracle.pt"), 0, {}, torch.Generator().manual_seed(seed)
     if os.path.isfile(path):
@@ -170,6 +172,9 @@ def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma
         trained_gamma = state.get("gamma", 0.1)                   # (the first oracles did not record it)
         if trained_gamma != gamma:
             raise config.UserError(f"{path} was trained with --gamma {trained_gamma}: pass that or another --out")
+        if state.get("position_embedding", False) != position_embedding:
+            raise config.UserError(f"{path} was trained {'with' if not position_embedding else 'without'} "
+                                   "--position-embedding: match it or pass another --out")
         decoder.load_state_dict(state["decoder"]), opt.load_state_dict(state["opt"])
         done, results = state["step"], json.loads(state["results"])
         if "rng" in state:                                          # (the first oracles did not record it)
@@ -186,7 +191,8 @@ def train_oracle(dm_path, steps, out, batch=32, lr=1e-3, evals=(), seed=0, gamma
         if step in evals or step == steps:
             results[str(step)] = realised_gains(unet, decoder, sched, gen, X, lab, n_eval, gamma=gamma).tolist()
             save_checkpoint(path, dict(kind="oracle", decoder=decoder.state_dict(), opt=opt.state_dict(), step=step,
-                                       gamma=gamma, rng=rng.get_state(), results=json.dumps(results)))
+                                       gamma=gamma, rng=rng.get_state(), position_embedding=position_embedding,
+                                       results=json.dumps(results)))
             with open(os.path.join(out, "oracle.json"), "w") as f:
                 json.dump(dict(times=ORACLE_TIMES, factors=gen.factor_names, realised=results), f)
     return gen, results
@@ -244,6 +250,8 @@ def main(argv=None):
     p.add_argument("--oracle-steps", type=int, default=20000)
     p.add_argument("--oracle-evals", default="2000,5000,10000", help="steps at which to measure as well")
     p.add_argument("--oracle-n", type=int, default=256, help="images the oracle's realised gains are measured on")
+    p.add_argument("--position-embedding", action="store_true",
+                   help="beyond the paper: the oracle's G with a learned position map (train.py diti --position-embedding true)")
     p.add_argument("--out", default="runs/oracle", help="the oracle's folder (resumes from its oracle.pt)")
     a = p.parse_args(argv)
     try:
@@ -262,12 +270,14 @@ def main(argv=None):
 
 def oracle_main(a):
     evals = {int(s) for s in a.oracle_evals.split(",") if s}
-    gen, results = train_oracle(a.oracle, a.oracle_steps, a.out, evals=evals, gamma=a.gamma, n_eval=a.oracle_n)
+    gen, results = train_oracle(a.oracle, a.oracle_steps, a.out, evals=evals, gamma=a.gamma, n_eval=a.oracle_n,
+                                   position_embedding=a.position_embedding)
     loss_times = [int(v) for v in synthetic.attribute_loss_curves(gen)[1]]
     exact = marginal_gains(gen, a.n, gamma=a.gamma)
     text = ["# What G realises of each factor with z = the true labels (gains.py --oracle)", "",
             f"    python gains.py --oracle {a.oracle} --oracle-steps {a.oracle_steps} --out {a.out}"
-            + (f" --gamma {a.gamma:g}" if a.gamma != 0.1 else ""), "",
+            + (f" --gamma {a.gamma:g}" if a.gamma != 0.1 else "")
+            + (" --position-embedding" if a.position_embedding else ""), "",
             "Weighted eps error (weight_t, gamma %g, summed over pixels, mean over images) that knowing factor f "
             "removes when every other factor is known: realised by the oracle G / allowed by the exact denoiser."
             % a.gamma]

@@ -1,6 +1,7 @@
-"""Pictures with pillow alone: image grids, line plots, bar charts and heat maps, each written as a PNG."""
+"""Pictures with pillow alone: image grids, line plots, bar charts, heat maps and the TV_t curves of the built-in
+data's factors, each written as a PNG."""
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -91,5 +92,48 @@ def heatmap(matrix, row_labels, col_labels, path, title="", vmin=0.0, vmax=1.0, 
             draw.rectangle(box, fill=colour)
             text = "nan" if not np.isfinite(v) else f"{v:.2f}"
             draw.text((box[0] + 3, box[1] + cell // 2 - 6), text, fill="white" if f > 0.5 else "black")
+    img.save(path)
+    return path
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:   # pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def plot_tv_curves(curves, names, path, loss_times=None):
+    """Write a PNG of TV_t (y, 0..1) against t (x, 0..999), one line per factor, legend with t_f."""
+    curves = np.asarray(curves)
+    if loss_times is None:
+        loss_times = [int(np.argmax(c < 0.5)) if (c < 0.5).any() else len(c) for c in curves]
+    W, H, left, right, top, bottom = 960, 560, 70, 250, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    draw, font = ImageDraw.Draw(img), _font(14)
+    pw, ph, T = W - left - right, H - top - bottom, curves.shape[1]
+
+    def xy(t, v):
+        return left + pw * t / (T - 1), top + ph * (1 - v)
+
+    for t in [*range(0, T - 50, 100), T - 1]:          # x grid and ticks: 0, 100, ..., 900, 999
+        x, _ = xy(t, 0)
+        draw.line([(x, top), (x, top + ph)], fill=(230, 230, 230))
+        draw.text((x, top + ph + 6), str(t), fill="black", font=font, anchor="mt")
+    for v in (0, 0.25, 0.5, 0.75, 1.0):               # y grid and ticks
+        _, y = xy(0, v)
+        draw.line([(left, y), (left + pw, y)], fill=(200, 200, 200) if v == 0.5 else (230, 230, 230))
+        draw.text((left - 8, y), f"{v:g}", fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    draw.text((left + pw / 2, H - 18), "t", fill="black", font=font, anchor="mm")
+    draw.text((left, top - 14), "median TV(q(x_t|x0), q(x_t|x0')) for pairs differing in one factor",
+              fill="black", font=font, anchor="lm")
+    order = np.argsort(loss_times, kind="stable")
+    for rank, f in enumerate(order):
+        colour = PALETTE[rank % len(PALETTE)]
+        draw.line([xy(t, curves[f, t]) for t in range(T)], fill=colour, width=2)
+        ly = top + 10 + 22 * rank
+        draw.line([(left + pw + 15, ly), (left + pw + 40, ly)], fill=colour, width=3)
+        draw.text((left + pw + 48, ly), f"{names[f]} (t_f={loss_times[f]})", fill="black", font=font, anchor="lm")
     img.save(path)
     return path

@@ -86,7 +86,7 @@ def build_diti(dm_ckpt, cfg):
         except ValueError as e:
             raise UserError(str(e))
     return DiTi(unet_cfg, part, encoder_grid=cfg.encoder_grid, encoder_heads=cfg.encoder_heads,
-                open_z_path=cfg.open_z_path)
+                open_z_path=cfg.open_z_path, position_embedding=cfg.position_embedding)
 
 
 def tv_curves_for(dm_config):

@@ -215,9 +215,13 @@ class ShiftDecoder(nn.Module):
     open_z_path (beyond the paper, off by default): the ResBlocks' last convs start at PyTorch's default init
     instead of zero. Zero-initialised, z reaches the output conv through nothing at step 0, so the output conv
     first learns only from what the residual shares with x_t alone; if it shares nothing (an exact eps_theta),
-    every gradient is zero in expectation and G stays at that saddle. Open, the output conv sees z at once."""
+    every gradient is zero in expectation and G stays at that saddle. Open, the output conv sees z at once.
+    position_embedding (beyond the paper, off by default): a learned (C, H, W) map added to the full-resolution
+    features of the input conv, which the last ResBlock reads. Convolutions are blind to a pixel's absolute
+    position, so without it G can draw a pattern fixed to the pixel grid (the built-in 1-px texture) only
+    from what x_t still shows of it."""
 
-    def __init__(self, cfg, z_dim, open_z_path=False):
+    def __init__(self, cfg, z_dim, open_z_path=False, position_embedding=False):
         super().__init__()
         emb_dim = 4 * cfg.base_channels
         self.z_embed = nn.Linear(z_dim, emb_dim)
@@ -226,11 +230,15 @@ class ShiftDecoder(nn.Module):
             for block in self.up.modules():
                 if isinstance(block, ResBlock):
                     block.conv2.reset_parameters()
+        size = (1, cfg.base_channels, cfg.image_size, cfg.image_size)
+        self.position = nn.Parameter(0.02 * torch.randn(size)) if position_embedding else None
 
     def forward(self, feats, z, emb_offset=None):
         h, skips, emb = feats
         if emb_offset is not None:
             emb = emb + emb_offset
+        if self.position is not None:                     # skips[0]: the input conv's features, read last
+            skips = [skips[0] + self.position.to(skips[0].dtype), *skips[1:]]
         return self.up(h, skips, emb, self.z_embed(z))
 
 

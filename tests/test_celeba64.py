@@ -13,7 +13,7 @@ from PIL import Image
 import checkpoint
 import config
 import train
-from diti import DiTi, paper_partition
+from diti import paper_partition
 from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,6 @@ import evaluate
 import report
 import representation
 import run
-import train
 from diti import DiTi, uniform_partition
 from unet import UNet, UNetConfig
 

@@ -121,3 +121,12 @@ def test_oracle_trains_resumes_and_writes_its_tables(tmp_path, monkeypatch, one_
     assert uninterrupted == {k: second["realised"][k] for k in ("2", "5")}
     with pytest.raises(SystemExit, match="was trained with --gamma 0.1: pass that"):
         gains.main(args + ["--oracle-steps", "6", "--gamma", "1"])
+    with pytest.raises(SystemExit, match="was trained without --position-embedding"):
+        gains.main(args + ["--oracle-steps", "6", "--position-embedding"])
+    positioned = tmp_path / "positioned"                                    # G with the learned position map
+    gains.main(["--oracle", str(dm / "ckpt.pt"), "--out", str(positioned), "--n", "4", "--oracle-n", "8",
+                "--oracle-steps", "2", "--position-embedding"])
+    assert "position" in torch.load(positioned / "oracle.pt", weights_only=True)["decoder"]
+    assert "--position-embedding" in (positioned / "oracle.md").read_text()
+    with pytest.raises(SystemExit, match="was trained with --position-embedding"):
+        gains.main(["--oracle", str(dm / "ckpt.pt"), "--out", str(positioned), "--oracle-steps", "3"])

@@ -7,7 +7,6 @@ import torch
 import config
 import diffusion
 import runtime
-import train
 from diti import DiTi, diti_loss, uniform_partition
 from unet import UNet, UNetConfig
 

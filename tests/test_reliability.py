@@ -392,6 +392,17 @@ def test_open_z_path_option_reaches_the_shift_decoder(dm_ckpt):
         assert model.decoder.up.out[-1].weight.abs().sum() == 0          # G = 0 at step 0 either way
 
 
+def test_position_embedding_option_reaches_the_shift_decoder_and_its_checkpoint(dm_ckpt):
+    """--position-embedding (beyond the paper): train.py diti's flag gives G its learned position map."""
+    import train as train_module
+    from config import DiTiConfig, make_config
+    ckpt = torch.load(dm_ckpt, weights_only=False)
+    cfg, _, _ = make_config("diti", ["--dm", str(dm_ckpt), "--position-embedding", "true"])
+    assert cfg.position_embedding and not make_config("diti", ["--dm", str(dm_ckpt)])[0].position_embedding
+    on, off = train_module.build_diti(ckpt, cfg), train_module.build_diti(ckpt, DiTiConfig())
+    assert "decoder.position" in on.state_dict() and "decoder.position" not in off.state_dict()
+
+
 def test_a_checkpoint_from_another_device_resumes_with_a_fresh_noise_seed(capsys):
     """A CUDA generator's state (16 bytes: seed and offset) cannot enter a CPU generator (MT19937): resuming a
     GPU-trained run on a CPU reseeds the t/eps generator, says so, and restores everything else."""

@@ -93,3 +93,39 @@ def test_output_conv_gradient_sees_z_at_step_0_only_with_the_open_z_path(open_z_
         grads.append(dec.up.out[-1].weight.grad.clone())
     differ = (grads[0] - grads[1]).abs().max().item()
     assert (differ > 1e-3) if open_z_path else (differ == 0.0)
+
+
+def fit_checker(position_embedding, steps):
+    """Train G to draw a 1-px checker fixed to the pixel grid on flat images when z says so; the last loss
+    (mean squared error over the target's mean square, so 1 = G drew nothing)."""
+    cfg = CONFIGS[0]
+    torch.manual_seed(0)
+    unet, dec = UNet(cfg).requires_grad_(False), ShiftDecoder(cfg, z_dim=2, position_embedding=position_embedding)
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    i = torch.arange(cfg.image_size)
+    checker = ((i[:, None] + i) % 2 * 2 - 1).float()
+    for _ in range(steps):
+        on = torch.randint(0, 2, (8,))
+        x = (0.3 * torch.randn(8, 3, 1, 1)).expand(8, 3, cfg.image_size, cfg.image_size)
+        _, G = eps_and_shift(unet, dec, x, torch.randint(0, 1000, (8,)), torch.nn.functional.one_hot(on, 2).float())
+        loss = (G - on.view(8, 1, 1, 1) * checker).pow(2).mean() / 0.5
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_position_embedding_is_a_learned_map_that_keeps_g_zero_at_step_0():
+    cfg = CONFIGS[0]
+    unet, dec = UNet(cfg), ShiftDecoder(cfg, z_dim=4, position_embedding=True)
+    assert dec.position.shape == (1, cfg.base_channels, cfg.image_size, cfg.image_size)
+    assert "position" in dec.state_dict() and ShiftDecoder(cfg, z_dim=4).position is None
+    x = torch.randn(2, 3, 16, 16)
+    _, G = eps_and_shift(unet, dec, x, torch.tensor([5, 500]), torch.randn(2, 4))
+    assert G.abs().max().item() == 0.0
+
+
+def test_position_embedding_lets_g_draw_a_pattern_fixed_to_the_pixel_grid_sooner():
+    """On flat images only the zero padding tells a convolution where it is, so G without the map draws the
+    checker slowly (it does get there: ~0.1 after 100 steps); with it, G draws it within 50."""
+    assert fit_checker(True, 50) < 0.1 < 0.5 < fit_checker(False, 50)
