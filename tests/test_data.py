@@ -173,7 +173,8 @@ def test_exact_denoiser_is_the_posterior_mean_summed_over_every_image():
     for t in (3, 100, 300, 900):
         abar, eps = sched.abar[t].double(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t)).double()
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-        posterior = (-(x_t[:, None] - abar.sqrt() * X[None]).pow(2).sum(2) / (2 * (1 - abar))).softmax(1)  # (12, N)
+        sq_dist = x_t.pow(2).sum(1, keepdim=True) - 2 * abar.sqrt() * x_t @ X.T + abar * X.pow(2).sum(1)  # (12, N)
+        posterior = (-sq_dist / (2 * (1 - abar))).softmax(1)
         expected = (x_t - abar.sqrt() * posterior @ X) / (1 - abar).sqrt()
         got = denoiser(x_t.float().view(12, 3, 8, 8), torch.full((12,), t)).flatten(1).double()
         assert torch.allclose(got, expected, atol=1e-3), t
