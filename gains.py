@@ -271,7 +271,7 @@ def main(argv=None):
 def oracle_main(a):
     evals = {int(s) for s in a.oracle_evals.split(",") if s}
     gen, results = train_oracle(a.oracle, a.oracle_steps, a.out, evals=evals, gamma=a.gamma, n_eval=a.oracle_n,
-                                   position_embedding=a.position_embedding)
+                                position_embedding=a.position_embedding)
     loss_times = [int(v) for v in synthetic.attribute_loss_curves(gen)[1]]
     exact = marginal_gains(gen, a.n, gamma=a.gamma)
     text = ["# What G realises of each factor with z = the true labels (gains.py --oracle)", "",
