@@ -168,7 +168,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
     return claims
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description="Run the claims grid and write claims.json / claims.md.")
     p.add_argument("--out", default="runs/claims")
     p.add_argument("--preset", default="claims", help="training budget (a train.py preset)")
@@ -177,6 +177,7 @@ def main(argv=None):
     p.add_argument("--rows", default="all", help="comma-separated row ids, or all")
     p.add_argument("--dm-steps", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps")
+    p.add_argument("--batch-size", type=int, default=None, help="stage-2 batch (the claims preset's is 32)")
     p.add_argument("--encoder-grid", type=int, default=None,
                    help="beyond the paper: keep E's last feature map at least this wide (train.py diti --encoder-grid)")
     p.add_argument("--encoder-heads", action="store_true",
@@ -205,7 +206,30 @@ def main(argv=None):
                         "the run and of the exact denoiser; train nothing")
     p.add_argument("--compare", default=None,
                    help="comma-separated claims folders: write one table of their runs to <out>/compare.md, train nothing")
-    a = p.parse_args(argv)
+    return p
+
+
+def overrides_of(a):
+    """The parsed flags as the grid's overrides: train.py dm flags, and the stage-2 config fields."""
+    return dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
+                + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
+                + (["--texture-cell", str(a.texture_cell)] if a.texture_cell else [])
+                + (["--base-channels", str(a.base_channels)] if a.base_channels else [])
+                + (["--precision", a.precision] if a.precision else []),
+                diti_fields={**(dict(steps=a.steps) if a.steps else {}),
+                             **(dict(batch_size=a.batch_size) if a.batch_size else {}),
+                             **(dict(precision=a.precision) if a.precision else {}),
+                             **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
+                             **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
+                             **(dict(encoder_heads=True) if a.encoder_heads else {}),
+                             **(dict(t_max=a.t_max) if a.t_max else {}),
+                             **(dict(exact_eps=True) if a.exact_eps else {}),
+                             **(dict(open_z_path=True) if a.open_z_path else {}),
+                             **(dict(position_embedding=True) if a.position_embedding else {})})
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     if a.eps_errors:
         if not os.path.isfile(a.eps_errors):
             raise config.UserError(f"{a.eps_errors} does not exist: pass a stage-2 checkpoint (RUN/ckpt.pt)")
@@ -224,20 +248,7 @@ def main(argv=None):
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")
     for row in rows:
         row_config(row, a.preset, 0, "")                  # validate every row before training anything
-    overrides = dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
-                     + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
-                     + (["--texture-cell", str(a.texture_cell)] if a.texture_cell else [])
-                     + (["--base-channels", str(a.base_channels)] if a.base_channels else [])
-                     + (["--precision", a.precision] if a.precision else []),
-                     diti_fields={**(dict(steps=a.steps) if a.steps else {}),
-                                  **(dict(precision=a.precision) if a.precision else {}),
-                                  **(dict(encoder_grid=a.encoder_grid) if a.encoder_grid else {}),
-                                  **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
-                                  **(dict(encoder_heads=True) if a.encoder_heads else {}),
-                                  **(dict(t_max=a.t_max) if a.t_max else {}),
-                                  **(dict(exact_eps=True) if a.exact_eps else {}),
-                                  **(dict(open_z_path=True) if a.open_z_path else {}),
-                                  **(dict(position_embedding=True) if a.position_embedding else {})})
+    overrides = overrides_of(a)
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

@@ -102,7 +102,7 @@ def preset_options(claims):
     """(option, value) of every option beyond the preset (budgets aside) that this grid ran with: the options
     beyond the paper, a U-Net width, a precision (named once when both stages have it)."""
     overrides = claims.get("overrides", {})
-    extra = [(k, v) for k, v in overrides.get("diti_fields", {}).items() if k != "steps"]
+    extra = [(k, v) for k, v in overrides.get("diti_fields", {}).items() if k not in ("steps", "batch_size")]
     dm_flags = dict(zip(overrides.get("dm", [])[::2], overrides.get("dm", [])[1::2]))    # ["--steps", "4000", ...]
     dm_extra = [(flag[2:].replace("-", "_"), v) for flag, v in dm_flags.items() if flag != "--steps"]
     return extra + [(k, v) for k, v in dm_extra if k not in dict(extra)]

@@ -28,6 +28,15 @@ def test_diti_options_skip_the_disdiff_row_but_steps_reach_every_row():
     assert claims.stage2_fields(claims.row_config("pdae", "tiny", 0, ""), overrides) == overrides["diti_fields"]
 
 
+def test_stage2_batch_flag_reaches_every_row_as_a_budget_not_an_option():
+    a = claims.parser().parse_args(["--batch-size", "64", "--steps", "9", "--position-embedding"])
+    overrides = claims.overrides_of(a)
+    assert overrides["diti_fields"] == dict(steps=9, batch_size=64, position_embedding=True)
+    assert claims.stage2_fields(claims.row_config("disdiff", "tiny", 0, ""), overrides) == dict(steps=9, batch_size=64)
+    assert claims_table.preset_options(dict(overrides=overrides)) == [("position_embedding", True)]
+    assert claims.overrides_of(claims.parser().parse_args([])) == dict(dm=[], diti_fields={})
+
+
 def test_answer_needs_every_factor_every_seed_and_stop_grad():
     c = dict(loss_times={"a": 1, "b": 2, "c": 3})
     full = {"seeds": 2, "probe_map": dict(rho_mean=0.9, n_factors=3, rho_seeds=2),
