@@ -164,12 +164,13 @@ def compare(dirs, path, rows=None):
     lines = ["# The same rows at other budgets and options", "",
              "Full-z probe per factor (chance = 0, perfect = 1); learned: >= 0.9. Factors by loss time t_f (in "
              "brackets; with --fine-loss-time the fine ones are lost later), coarse first.", "",
-             "| row | DDPM steps | stage-2 steps | seed | options | learned | "
+             "| row | DDPM steps | stage-2 steps x batch | seed | options | learned | "
              + " | ".join(f"{n} ({t_f[n]})" for n in names) + " | folder |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for row, dm_steps, steps, seed, extra, d, r, _ in runs:
         probe = " | ".join(f"{r['probe'][n]:.2f}" if n in r["probe"] else "n/a" for n in names)
-        lines.append(f"| {row} | {dm_steps} | {steps} | {seed} | {extra} | {len(r['learned'])} | {probe} | {d} |")
+        lines.append(f"| {row} | {dm_steps} | {steps} x {r['batch_size']} | {seed} | {extra} | {len(r['learned'])} | "
+                     f"{probe} | {d} |")
     lines += ["", "Regenerate (a longer run may start from a shorter one's checkpoint copied into its folder: "
               "resume is exact):", "", *commands]
     with open(path, "w") as f:

@@ -87,7 +87,7 @@ def test_tiny_grid_writes_every_key_and_resumes(tmp_path, capsys):
     assert os.path.getmtime(ckpt) == mtime
     claims.main(["--compare", out, "--out", str(tmp_path / "cmp")])      # the runs of several folders in one table
     table = open(tmp_path / "cmp" / "compare.md").read()
-    assert "| stop_grad-fitted-k4 | 30 | 30 | 0 | - |" in table and "corner_mark (" in table
+    assert "| stop_grad-fitted-k4 | 30 | 30 x 16 | 0 | - |" in table and "corner_mark (" in table
     assert "    python claims.py --out " in table                               # how to regenerate it
 
 
