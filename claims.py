@@ -246,9 +246,10 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")
-    for row in rows:
-        row_config(row, a.preset, 0, "")                  # validate every row before training anything
     overrides = overrides_of(a)
+    for row in rows:                                      # validate every row before training anything
+        cfg = row_config(row, a.preset, 0, "")
+        config.check_config(dataclasses.replace(cfg, **stage2_fields(cfg, overrides)))
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))

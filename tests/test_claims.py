@@ -3,8 +3,11 @@ retraining."""
 import json
 import os
 
+import pytest
+
 import claims
 import claims_table
+import config
 
 
 def test_grid_rows_cover_modes_partitions_ks_and_the_controls():
@@ -35,6 +38,8 @@ def test_stage2_batch_flag_reaches_every_row_as_a_budget_not_an_option():
     assert claims.stage2_fields(claims.row_config("disdiff", "tiny", 0, ""), overrides) == dict(steps=9, batch_size=64)
     assert claims_table.preset_options(dict(overrides=overrides)) == [("position_embedding", True)]
     assert claims.overrides_of(claims.parser().parse_args([])) == dict(dm=[], diti_fields={})
+    with pytest.raises(config.UserError, match="--batch-size must be at least 1, got -2"):
+        claims.main(["--batch-size", "-2", "--rows", "pdae", "--out", "/nonexistent/never-written"])
 
 
 def test_answer_needs_every_factor_every_seed_and_stop_grad():
