@@ -130,6 +130,12 @@ def stage2_fields(cfg, overrides):
     return {k: v for k, v in overrides.get("diti_fields", {}).items() if hasattr(cfg, k)}
 
 
+def stage2_config(row, preset, seed, out, overrides):
+    """The row's stage-2 config with the grid's overrides applied."""
+    cfg = row_config(row, preset, seed, out)
+    return dataclasses.replace(cfg, **stage2_fields(cfg, overrides))
+
+
 def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
     """Train and evaluate every (seed, row) not yet in claims.json; returns the claims dict."""
     path = os.path.join(out, "claims.json")
@@ -147,8 +153,7 @@ def run_grid(out, preset, eval_preset, seeds, rows, overrides, command=""):
         dm_cfg = dataclasses.replace(dm_cfg, seed=seed, out=os.path.join(seed_dir, "dm"))
         dm_path = train_stage(train.train_dm, dm_cfg, "dm")
         eval_cfg = config.eval_config(eval_preset, seed=seed)
-        cfg = row_config(row, preset, seed, os.path.join(seed_dir, row))
-        cfg = dataclasses.replace(cfg, dm=dm_path, **stage2_fields(cfg, overrides))
+        cfg = dataclasses.replace(stage2_config(row, preset, seed, os.path.join(seed_dir, row), overrides), dm=dm_path)
         kind = row_stage(row)
         ckpt = train_stage(train.TRAINERS[kind], cfg, kind)
         classifier = shared_classifier(seed_dir, eval_cfg, dm_cfg)
@@ -248,8 +253,7 @@ def main(argv=None):
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")
     overrides = overrides_of(a)
     for row in rows:                                      # validate every row before training anything
-        cfg = row_config(row, a.preset, 0, "")
-        config.check_config(dataclasses.replace(cfg, **stage2_fields(cfg, overrides)))
+        config.check_config(stage2_config(row, a.preset, 0, "", overrides))
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,
                       overrides, command=" ".join(argv if argv is not None else sys.argv[1:]))
