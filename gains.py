@@ -23,6 +23,12 @@ known; the exact one is gain(all factors) - gain(all but f) under the exact deno
 of what the loss pays for f that this decoder can draw: where it is near 0, no encoder can be taught f.
 
     python gains.py --oracle runs/claims_fine140_s105k/seed0/dm/ckpt.pt --oracle-steps 20000 --out runs/oracle
+
+And the other half (`--supervised-encoder STEPS`): E of SPEC §3 trained with the labels instead of the DiTi loss
+(a linear head on z, no DDPM, no G). Where it reads a factor within a few thousand images, E's architecture is
+not what keeps stage 2 from learning it.
+
+    python gains.py --fine-loss-time 140 --supervised-encoder 2000
 """
 import argparse
 import json
@@ -40,7 +46,7 @@ import plots
 import synthetic
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from diti import cumulative_mask
+from diti import Encoder, cumulative_mask
 from unet import ShiftDecoder, eps_and_shift
 
 TIMES = tuple(range(0, 1000, 50))
@@ -239,6 +245,40 @@ def oracle_table(gen, realised, exact, loss_times, times=ORACLE_TIMES):
     return "\n".join(lines)
 
 
+def supervised_encoder(size=16, fine_loss_time=0, steps=2000, evals=(500, 1000), batch=32, lr=1e-3, z_dim=64, seed=0,
+                       n_train=20000, n_test=4000):
+    """E (diti.Encoder; the claims preset's d = 64) and a linear head on z trained together with the labels,
+    the sum over factors of the cross-entropy, by Adam at stage 2's batch and lr. Returns {step: test accuracy
+    of the head per factor, chance-rescaled} after each step in evals and the last: what E can hold when told."""
+    splits = data.load_synthetic(size, seed, n_train, n_test, fine_loss_time=fine_loss_time)
+    X, Y = data.to_tensor(splits["train"].images), torch.from_numpy(splits["train"].labels)
+    X_test, Y_test = data.to_tensor(splits["test"].images), torch.from_numpy(splits["test"].labels)
+    num_values = splits["train"].num_values
+    train.seed_everything(seed)
+    model = torch.nn.Sequential(Encoder(size, z_dim), torch.nn.Linear(z_dim, sum(num_values)))
+    opt, rng, results = torch.optim.Adam(model.parameters(), lr=lr), torch.Generator().manual_seed(seed), {}
+    cross_entropy = lambda logits, y: sum(torch.nn.functional.cross_entropy(h, y[:, f])  # noqa: E731
+                                          for f, h in enumerate(logits.split(num_values, 1)))
+    for step in tqdm(range(1, steps + 1), desc="supervised E"):
+        rows = torch.randint(0, len(X), (batch,), generator=rng)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy(model(X[rows]), Y[rows]).backward()
+        opt.step()
+        if step in evals or step == steps:
+            with torch.no_grad():
+                heads = torch.cat([model(x) for x in X_test.split(500)]).split(num_values, 1)
+            acc = [(h.argmax(1) == Y_test[:, f]).float().mean().item() for f, h in enumerate(heads)]
+            results[step] = metrics.rescaled_accuracy(acc, num_values).tolist()
+    return splits["generator"], results
+
+
+def supervised_table(gen, results, batch=32):
+    head = "| steps | images | " + " | ".join(name.replace("_", " ") for name in gen.factor_names) + " |"
+    rows = [f"| {step} | {step * batch} | " + " | ".join(f"{v:.2f}" for v in results[step]) + " |"
+            for step in sorted(results)]
+    return "\n".join([head, "|" + "---|" * (len(gen.factor_names) + 2)] + rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the DiTi loss pays for each factor of the built-in data, by t.")
     p.add_argument("--size", type=int, default=16)
@@ -253,7 +293,18 @@ def main(argv=None):
     p.add_argument("--position-embedding", action="store_true",
                    help="beyond the paper: the oracle's G with a learned position map (train.py diti --position-embedding true)")
     p.add_argument("--out", default="runs/oracle", help="the oracle's folder (resumes from its oracle.pt)")
+    p.add_argument("--supervised-encoder", type=int, default=0, metavar="STEPS",
+                   help="train E with the labels (a linear head on z) for this many steps and print what it reads")
     a = p.parse_args(argv)
+    if a.supervised_encoder < 0:
+        raise SystemExit(f"error: --supervised-encoder must be a number of steps >= 1, got {a.supervised_encoder}")
+    if a.supervised_encoder:
+        gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder)
+        print(f"E trained with the labels (a linear head on z, batch 32, lr 1e-3), {a.size} px"
+              + (f", --fine-loss-time {a.fine_loss_time}" if a.fine_loss_time else "")
+              + ": test accuracy of the head, chance-rescaled (chance = 0, perfect = 1)\n")
+        print(supervised_table(gen, results))
+        return
     try:
         if a.oracle:
             return oracle_main(a)

@@ -130,3 +130,17 @@ def test_oracle_trains_resumes_and_writes_its_tables(tmp_path, monkeypatch, one_
     assert "--position-embedding" in (positioned / "oracle.md").read_text()
     with pytest.raises(SystemExit, match="was trained with --position-embedding"):
         gains.main(["--oracle", str(dm / "ckpt.pt"), "--out", str(positioned), "--oracle-steps", "3"])
+
+
+def test_supervised_encoder_learns_the_background_and_its_table_lists_every_factor(tmp_path, monkeypatch,
+                                                                                  one_thread):
+    monkeypatch.setenv("DITI_CACHE", str(tmp_path / "cache"))
+    gen, results = gains.supervised_encoder(16, steps=60, evals=(30,), n_train=512, n_test=256)
+    assert sorted(results) == [30, 60]
+    assert all(len(r) == len(gen.factor_names) and max(r) <= 1 for r in results.values())
+    assert results[60][gen.factor_index("background")] > 0.9     # a colour: learned within 60 steps of 32
+    table = gains.supervised_table(gen, results)
+    assert table.splitlines()[0].startswith("| steps | images | background | x position")
+    assert table.splitlines()[-1].startswith("| 60 | 1920 | ")
+    with pytest.raises(SystemExit, match="--supervised-encoder must be a number of steps >= 1, got -5"):
+        gains.main(["--supervised-encoder", "-5"])
