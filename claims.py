@@ -195,6 +195,8 @@ def parser():
                    help="beyond the paper: G's ResBlocks start with their last conv not zero (train.py diti --open-z-path)")
     p.add_argument("--position-embedding", action="store_true",
                    help="beyond the paper: G gets a learned position map (train.py diti --position-embedding true)")
+    p.add_argument("--encoder-init", default=None, metavar="ENCODER_PT",
+                   help="beyond the paper: E starts from this encoder.pt of gains.py --supervised-encoder (a diagnostic)")
     p.add_argument("--t-max", type=int, default=None,
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -228,6 +230,7 @@ def overrides_of(a):
                              **(dict(loss_gamma=a.loss_gamma) if a.loss_gamma is not None else {}),
                              **(dict(encoder_heads=True) if a.encoder_heads else {}),
                              **(dict(t_max=a.t_max) if a.t_max else {}),
+                             **(dict(encoder_init=a.encoder_init) if a.encoder_init else {}),
                              **(dict(exact_eps=True) if a.exact_eps else {}),
                              **(dict(open_z_path=True) if a.open_z_path else {}),
                              **(dict(position_embedding=True) if a.position_embedding else {})})

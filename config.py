@@ -5,6 +5,7 @@
 Bad values are refused here, in one line (UserError), before any work is done.
 """
 import argparse
+import os
 from dataclasses import dataclass, fields, replace
 
 from unet import UNetConfig
@@ -61,6 +62,8 @@ class DiTiConfig:
     position_embedding: bool = False   # beyond the paper: G gets a learned map of where each pixel is (unet.ShiftDecoder)
     t_max: int = 0                     # beyond the paper (0 = off): stage-2 t drawn from {0..t_max-1} only, a probe
                                        # of whether the loss can teach the factors lost below t_max (train_diti)
+    encoder_init: str = ""             # beyond the paper, a diagnostic: E starts from this encoder.pt (written by
+                                       # gains.py --supervised-encoder, an E that already reads every factor)
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -247,6 +250,9 @@ def check_config(cfg):
         raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
     if not 0 <= getattr(cfg, "t_max", 0) <= 1000:
         raise UserError(f"--t-max must be 0 (off: every t) or a time-step in 1..1000, got {cfg.t_max}")
+    if getattr(cfg, "encoder_init", "") and not os.path.isfile(cfg.encoder_init):
+        raise UserError(f"--encoder-init {cfg.encoder_init} does not exist: write it with gains.py --supervised-encoder "
+                        "STEPS --out DIR (DIR/encoder.pt) or fix the path")
     if hasattr(cfg, "channel_mult"):
         levels = 2 ** (len(cfg.channel_mult) - 1)    # the U-Net halves the image once per extra level
         if not cfg.channel_mult or cfg.image_size % levels:

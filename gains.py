@@ -26,9 +26,10 @@ of what the loss pays for f that this decoder can draw: where it is near 0, no e
 
 And the other half (`--supervised-encoder STEPS`): E of SPEC §3 trained with the labels instead of the DiTi loss
 (a linear head on z, no DDPM, no G). Where it reads a factor within a few thousand images, E's architecture is
-not what keeps stage 2 from learning it.
+not what keeps stage 2 from learning it. E's weights go to --out/encoder.pt, from which `train.py diti
+--encoder-init` (and claims.py's) starts stage 2: does the DiTi loss keep, and place, what E already reads?
 
-    python gains.py --fine-loss-time 140 --supervised-encoder 2000
+    python gains.py --fine-loss-time 140 --supervised-encoder 2000 --out runs/sup_enc
 """
 import argparse
 import json
@@ -246,10 +247,11 @@ def oracle_table(gen, realised, exact, loss_times, times=ORACLE_TIMES):
 
 
 def supervised_encoder(size=16, fine_loss_time=0, steps=2000, evals=(500, 1000), batch=32, lr=1e-3, z_dim=64, seed=0,
-                       n_train=20000, n_test=4000):
+                       n_train=20000, n_test=4000, out=None):
     """E (diti.Encoder; the claims preset's d = 64) and a linear head on z trained together with the labels,
     the sum over factors of the cross-entropy, by Adam at stage 2's batch and lr. Returns {step: test accuracy
-    of the head per factor, chance-rescaled} after each step in evals and the last: what E can hold when told."""
+    of the head per factor, chance-rescaled} after each step in evals and the last: what E can hold when told.
+    out: also write E's weights to out/encoder.pt (train.py diti --encoder-init starts stage 2 from them)."""
     splits = data.load_synthetic(size, seed, n_train, n_test, fine_loss_time=fine_loss_time)
     X, Y = data.to_tensor(splits["train"].images), torch.from_numpy(splits["train"].labels)
     X_test, Y_test = data.to_tensor(splits["test"].images), torch.from_numpy(splits["test"].labels)
@@ -269,6 +271,9 @@ def supervised_encoder(size=16, fine_loss_time=0, steps=2000, evals=(500, 1000),
                 heads = torch.cat([model(x) for x in X_test.split(500)]).split(num_values, 1)
             acc = [(h.argmax(1) == Y_test[:, f]).float().mean().item() for f, h in enumerate(heads)]
             results[step] = metrics.rescaled_accuracy(acc, num_values).tolist()
+    if out:
+        save_checkpoint(os.path.join(out, "encoder.pt"), dict(kind="encoder", encoder=model[0].state_dict(),
+                                                              steps=steps, results=json.dumps(results)))
     return splits["generator"], results
 
 
@@ -292,18 +297,20 @@ def main(argv=None):
     p.add_argument("--oracle-n", type=int, default=256, help="images the oracle's realised gains are measured on")
     p.add_argument("--position-embedding", action="store_true",
                    help="beyond the paper: the oracle's G with a learned position map (train.py diti --position-embedding true)")
-    p.add_argument("--out", default="runs/oracle", help="the oracle's folder (resumes from its oracle.pt)")
+    p.add_argument("--out", default="runs/oracle", help="the oracle's folder (resumes from its oracle.pt); with "
+                   "--supervised-encoder, where its encoder.pt is written")
     p.add_argument("--supervised-encoder", type=int, default=0, metavar="STEPS",
                    help="train E with the labels (a linear head on z) for this many steps and print what it reads")
     a = p.parse_args(argv)
     if a.supervised_encoder < 0:
         raise SystemExit(f"error: --supervised-encoder must be a number of steps >= 1, got {a.supervised_encoder}")
     if a.supervised_encoder:
-        gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder)
+        gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder, out=a.out)
         print(f"E trained with the labels (a linear head on z, batch 32, lr 1e-3), {a.size} px"
               + (f", --fine-loss-time {a.fine_loss_time}" if a.fine_loss_time else "")
               + ": test accuracy of the head, chance-rescaled (chance = 0, perfect = 1)\n")
         print(supervised_table(gen, results))
+        print(f"\nE's weights: {os.path.join(a.out, 'encoder.pt')} (train.py diti --encoder-init)")
         return
     try:
         if a.oracle:

@@ -171,6 +171,8 @@ def train_diti(cfg, resume=False):
     stream = make_stream(cfg, dataset, rank, world)
     sched = diffusion.linear_schedule().to(device)
     model = build_diti(dm_ckpt, cfg).to(device)
+    if cfg.encoder_init:                              # beyond the paper; a resumed run then loads its own E
+        load_encoder_init(model.encoder, cfg.encoder_init)
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f"DiTi: k={cfg.k} d={cfg.z_dim} mode={cfg.mode}, {n / 1e6:.2f}M trainable parameters, "
@@ -185,6 +187,16 @@ def train_diti(cfg, resume=False):
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"],
                  partition=list(model.partition.ends))
     return fit(cfg, "diti", model, loss_fn, stream, device, rank, world, resume, extra)
+
+
+def load_encoder_init(encoder, path):
+    """Start E from the encoder.pt of gains.py --supervised-encoder (--encoder-init, a diagnostic)."""
+    state = load_checkpoint(path, kind="encoder")["encoder"]
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{path} holds another encoder than this run's (image size, --z-dim, --encoder-grid, "
+                        "--encoder-heads): write one for this run with gains.py --supervised-encoder") from None
 
 
 def load_diti(path, device="cpu"):

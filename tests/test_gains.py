@@ -144,3 +144,22 @@ def test_supervised_encoder_learns_the_background_and_its_table_lists_every_fact
     assert table.splitlines()[-1].startswith("| 60 | 1920 | ")
     with pytest.raises(SystemExit, match="--supervised-encoder must be a number of steps >= 1, got -5"):
         gains.main(["--supervised-encoder", "-5"])
+
+
+def test_stage_two_starts_from_the_supervised_encoder_and_refuses_a_wrong_one(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("DITI_CACHE", str(tmp_path / "cache"))
+    import config
+    import train
+    dm, sup, run = tmp_path / "dm", tmp_path / "sup", tmp_path / "run"
+    train.main(["dm", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--n-train", "32", "--image-size", "16",
+                "--sample-steps", "1", "--out", str(dm)])
+    gains.supervised_encoder(16, steps=2, z_dim=16, n_train=32, n_test=16, out=str(sup))
+    saved = torch.load(sup / "encoder.pt", weights_only=True)["encoder"]
+    stage2 = ["diti", "--preset", "tiny", "--dm", str(dm / "ckpt.pt"), "--steps", "1", "--batch-size", "4"]
+    train.main(stage2 + ["--lr", "0", "--out", str(run), "--encoder-init", str(sup / "encoder.pt")])
+    trained = torch.load(run / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in saved.items())    # lr 0: E is still the init
+    with pytest.raises(config.UserError, match="holds another encoder than this run's"):
+        train.main(stage2 + ["--z-dim", "32", "--out", str(tmp_path / "wide"), "--encoder-init", str(sup / "encoder.pt")])
+    with pytest.raises(config.UserError, match="--encoder-init nowhere.pt does not exist: write it with gains.py"):
+        train.main(stage2 + ["--out", str(tmp_path / "none"), "--encoder-init", "nowhere.pt"])
