@@ -304,6 +304,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.supervised_encoder < 0:
         raise SystemExit(f"error: --supervised-encoder must be a number of steps >= 1, got {a.supervised_encoder}")
+    if a.supervised_encoder and a.size % 16:
+        raise SystemExit(f"error: --supervised-encoder needs a --size divisible by 16 (E halves the image four times), "
+                         f"got {a.size}")
     if a.supervised_encoder:
         gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder, out=a.out)
         print(f"E trained with the labels (a linear head on z, batch 32, lr 1e-3), {a.size} px"

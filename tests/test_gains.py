@@ -144,6 +144,8 @@ def test_supervised_encoder_learns_the_background_and_its_table_lists_every_fact
     assert table.splitlines()[-1].startswith("| 60 | 1920 | ")
     with pytest.raises(SystemExit, match="--supervised-encoder must be a number of steps >= 1, got -5"):
         gains.main(["--supervised-encoder", "-5"])
+    with pytest.raises(SystemExit, match="needs a --size divisible by 16 .*, got 8"):
+        gains.main(["--supervised-encoder", "5", "--size", "8"])
 
 
 def test_stage_two_starts_from_the_supervised_encoder_and_refuses_a_wrong_one(tmp_path, monkeypatch, one_thread):
