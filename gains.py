@@ -42,6 +42,7 @@ from tqdm import tqdm
 import config
 import data
 import diffusion
+import editing
 import metrics
 import plots
 import synthetic
@@ -246,6 +247,21 @@ def oracle_table(gen, realised, exact, loss_times, times=ORACLE_TIMES):
     return "\n".join(lines)
 
 
+class LabelledEncoder(torch.nn.Module):
+    """E and a linear head on z: (B, 3, S, S) -> (B, sum_f n_f) logits, one head per factor, the interface of
+    editing.FactorClassifier (so its loss and accuracy apply)."""
+
+    def __init__(self, num_values, size, z_dim):
+        super().__init__()
+        self.num_values = list(num_values)
+        self.encoder, self.head = Encoder(size, z_dim), torch.nn.Linear(z_dim, sum(self.num_values))
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    predict = editing.FactorClassifier.predict
+
+
 def supervised_encoder(size=16, fine_loss_time=0, steps=2000, evals=(500, 1000), batch=32, lr=1e-3, z_dim=64, seed=0,
                        n_train=20000, n_test=4000, out=None):
     """E (diti.Encoder; the claims preset's d = 64) and a linear head on z trained together with the labels,
@@ -253,26 +269,22 @@ def supervised_encoder(size=16, fine_loss_time=0, steps=2000, evals=(500, 1000),
     of the head per factor, chance-rescaled} after each step in evals and the last: what E can hold when told.
     out: also write E's weights to out/encoder.pt (train.py diti --encoder-init starts stage 2 from them)."""
     splits = data.load_synthetic(size, seed, n_train, n_test, fine_loss_time=fine_loss_time)
-    X, Y = data.to_tensor(splits["train"].images), torch.from_numpy(splits["train"].labels)
-    X_test, Y_test = data.to_tensor(splits["test"].images), torch.from_numpy(splits["test"].labels)
-    num_values = splits["train"].num_values
+    train_set, test_set = splits["train"], splits["test"]
+    X, Y = data.to_tensor(train_set.images), torch.from_numpy(train_set.labels)
     train.seed_everything(seed)
-    model = torch.nn.Sequential(Encoder(size, z_dim), torch.nn.Linear(z_dim, sum(num_values)))
+    model = LabelledEncoder(train_set.num_values, size, z_dim)
     opt, rng, results = torch.optim.Adam(model.parameters(), lr=lr), torch.Generator().manual_seed(seed), {}
-    cross_entropy = lambda logits, y: sum(torch.nn.functional.cross_entropy(h, y[:, f])  # noqa: E731
-                                          for f, h in enumerate(logits.split(num_values, 1)))
     for step in tqdm(range(1, steps + 1), desc="supervised E"):
         rows = torch.randint(0, len(X), (batch,), generator=rng)
         opt.zero_grad(set_to_none=True)
-        cross_entropy(model(X[rows]), Y[rows]).backward()
+        editing.classifier_loss(model, X[rows], Y[rows]).backward()
         opt.step()
         if step in evals or step == steps:
-            with torch.no_grad():
-                heads = torch.cat([model(x) for x in X_test.split(500)]).split(num_values, 1)
-            acc = [(h.argmax(1) == Y_test[:, f]).float().mean().item() for f, h in enumerate(heads)]
-            results[step] = metrics.rescaled_accuracy(acc, num_values).tolist()
+            accuracy = editing.classifier_accuracy(model, test_set.images, test_set.labels)
+            results[step] = metrics.rescaled_accuracy(accuracy, train_set.num_values).tolist()
+            model.train()
     if out:
-        save_checkpoint(os.path.join(out, "encoder.pt"), dict(kind="encoder", encoder=model[0].state_dict(),
+        save_checkpoint(os.path.join(out, "encoder.pt"), dict(kind="encoder", encoder=model.encoder.state_dict(),
                                                               steps=steps, results=json.dumps(results)))
     return splits["generator"], results
 
