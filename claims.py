@@ -197,6 +197,8 @@ def parser():
                    help="beyond the paper: G gets a learned position map (train.py diti --position-embedding true)")
     p.add_argument("--encoder-init", default=None, metavar="ENCODER_PT",
                    help="beyond the paper: E starts from this encoder.pt of gains.py --supervised-encoder (a diagnostic)")
+    p.add_argument("--encoder-hold", type=int, default=None, metavar="STEPS",
+                   help="beyond the paper: E gets no update for this many steps, G learns to read it first (a diagnostic)")
     p.add_argument("--t-max", type=int, default=None,
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -231,6 +233,7 @@ def overrides_of(a):
                              **(dict(encoder_heads=True) if a.encoder_heads else {}),
                              **(dict(t_max=a.t_max) if a.t_max else {}),
                              **(dict(encoder_init=a.encoder_init) if a.encoder_init else {}),
+                             **(dict(encoder_hold=a.encoder_hold) if a.encoder_hold else {}),
                              **(dict(exact_eps=True) if a.exact_eps else {}),
                              **(dict(open_z_path=True) if a.open_z_path else {}),
                              **(dict(position_embedding=True) if a.position_embedding else {})})

@@ -64,6 +64,8 @@ class DiTiConfig:
                                        # of whether the loss can teach the factors lost below t_max (train_diti)
     encoder_init: str = ""             # beyond the paper, a diagnostic: E starts from this encoder.pt (written by
                                        # gains.py --supervised-encoder, an E that already reads every factor)
+    encoder_hold: int = 0              # beyond the paper, a diagnostic: E gets no update for this many steps, so G
+                                       # first learns to read the E it starts from (loop.fit's hold)
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -250,6 +252,8 @@ def check_config(cfg):
         raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
     if not 0 <= getattr(cfg, "t_max", 0) <= 1000:
         raise UserError(f"--t-max must be 0 (off: every t) or a time-step in 1..1000, got {cfg.t_max}")
+    if getattr(cfg, "encoder_hold", 0) < 0:
+        raise UserError(f"--encoder-hold must be a number of steps >= 0 (0 = off), got {cfg.encoder_hold}")
     if getattr(cfg, "encoder_init", "") and not os.path.isfile(cfg.encoder_init):
         raise UserError(f"--encoder-init {cfg.encoder_init} does not exist: write it with gains.py --supervised-encoder "
                         "STEPS --out DIR (DIR/encoder.pt) or fix the path")

@@ -66,12 +66,14 @@ def draw_noise(gen, x0, T, rank, world):
     return t[rank::world].to(x0.device), eps[rank::world].to(x0.device)
 
 
-def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, make_opt=None, lr_at=None):
+def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, make_opt=None, lr_at=None,
+        hold=None):
     """Adam + EMA + atomic checkpoints + exact resume + data parallelism over `world` processes.
     loss_fn(model, x0, t, eps) -> (loss, per_sample, t, logs), with x0 this rank's rows of the batch and t, eps
     their time-steps and noise (see draw_noise: the same for a row under any number of processes).
     `extra` goes into every checkpoint (configs, the frozen model's path). Returns the EMA model.
-    Optional: make_opt(params) -> optimizer instead of Adam(lr=cfg.lr); lr_at(step) -> lr set before each step."""
+    Optional: make_opt(params) -> optimizer instead of Adam(lr=cfg.lr); lr_at(step) -> lr set before each step;
+    hold = (params, steps): those params get no update (and no Adam state) before step `steps`."""
     ckpt_path, ck = os.path.join(cfg.out, "ckpt.pt"), None
     if os.path.exists(ckpt_path):                                   # checked first: a wrong command fails at once
         if not resume:
@@ -156,6 +158,9 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             loss, per_sample, t, logs = loss_fn(model, x0, t, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if hold and step < hold[1]:
+            for p in hold[0]:
+                p.grad = None                                            # Adam skips a parameter with no grad
         if world > 1:
             average_gradients(params, world)
         if lr_at:

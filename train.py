@@ -186,7 +186,8 @@ def train_diti(cfg, resume=False):
 
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"],
                  partition=list(model.partition.ends))
-    return fit(cfg, "diti", model, loss_fn, stream, device, rank, world, resume, extra)
+    hold = (list(model.encoder.parameters()), cfg.encoder_hold) if cfg.encoder_hold else None
+    return fit(cfg, "diti", model, loss_fn, stream, device, rank, world, resume, extra, hold=hold)
 
 
 def load_encoder_init(encoder, path):

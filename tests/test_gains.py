@@ -148,7 +148,7 @@ def test_supervised_encoder_learns_the_background_and_its_table_lists_every_fact
         gains.main(["--supervised-encoder", "5", "--size", "8"])
 
 
-def test_stage_two_starts_from_the_supervised_encoder_and_refuses_a_wrong_one(tmp_path, monkeypatch, one_thread):
+def test_stage_two_starts_from_the_supervised_encoder_holds_it_and_refuses_a_wrong_one(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("DITI_CACHE", str(tmp_path / "cache"))
     import config
     import train
@@ -161,6 +161,14 @@ def test_stage_two_starts_from_the_supervised_encoder_and_refuses_a_wrong_one(tm
     train.main(stage2 + ["--lr", "0", "--out", str(run), "--encoder-init", str(sup / "encoder.pt")])
     trained = torch.load(run / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in saved.items())    # lr 0: E is still the init
+    held = stage2 + ["--out", str(tmp_path / "held"), "--encoder-init", str(sup / "encoder.pt"),
+                     "--encoder-hold", "3"]
+    for steps, kept in (("3", True), ("5", False)):     # held for 3 steps, then released (a resume to 5)
+        train.main(held + ["--steps", steps, "--resume"])
+        trained = torch.load(tmp_path / "held" / "ckpt.pt", weights_only=True)["model"]
+        assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in saved.items()) == kept
+    with pytest.raises(config.UserError, match="--encoder-hold must be a number of steps >= 0"):
+        train.main(held + ["--encoder-hold", "-1"])
     with pytest.raises(config.UserError, match="holds another encoder than this run's"):
         train.main(stage2 + ["--z-dim", "32", "--out", str(tmp_path / "wide"), "--encoder-init", str(sup / "encoder.pt")])
     with pytest.raises(config.UserError, match="--encoder-init nowhere.pt does not exist: write it with gains.py"):
