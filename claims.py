@@ -199,6 +199,8 @@ def parser():
                    help="beyond the paper: E starts from this encoder.pt of gains.py --supervised-encoder (a diagnostic)")
     p.add_argument("--encoder-hold", type=int, default=None, metavar="STEPS",
                    help="beyond the paper: E gets no update for this many steps, G learns to read it first (a diagnostic)")
+    p.add_argument("--encoder-lr-scale", type=float, default=None, metavar="SCALE",
+                   help="beyond the paper: E learns at lr x SCALE, G at lr (train.py diti --encoder-lr-scale)")
     p.add_argument("--t-max", type=int, default=None,
                    help="beyond the paper: stage-2 t drawn below this only (train.py diti --t-max; a diagnostic)")
     p.add_argument("--fine-loss-time", type=int, default=None,
@@ -234,6 +236,7 @@ def overrides_of(a):
                              **(dict(t_max=a.t_max) if a.t_max else {}),
                              **(dict(encoder_init=a.encoder_init) if a.encoder_init else {}),
                              **(dict(encoder_hold=a.encoder_hold) if a.encoder_hold else {}),
+                             **(dict(encoder_lr_scale=a.encoder_lr_scale) if a.encoder_lr_scale else {}),
                              **(dict(exact_eps=True) if a.exact_eps else {}),
                              **(dict(open_z_path=True) if a.open_z_path else {}),
                              **(dict(position_embedding=True) if a.position_embedding else {})})

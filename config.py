@@ -66,6 +66,8 @@ class DiTiConfig:
                                        # gains.py --supervised-encoder, an E that already reads every factor)
     encoder_hold: int = 0              # beyond the paper, a diagnostic: E gets no update for this many steps, so G
                                        # first learns to read the E it starts from (loop.fit's hold)
+    encoder_lr_scale: float = 1.0      # beyond the paper (1 = off): E learns at lr x this, G at lr, so G can keep up
+                                       # with what E writes (train_diti's optimiser)
     batch_size: int = 64
     lr: float = 1e-4
     steps: int = 2000
@@ -254,6 +256,8 @@ def check_config(cfg):
         raise UserError(f"--t-max must be 0 (off: every t) or a time-step in 1..1000, got {cfg.t_max}")
     if getattr(cfg, "encoder_hold", 0) < 0:
         raise UserError(f"--encoder-hold must be a number of steps >= 0 (0 = off), got {cfg.encoder_hold}")
+    if not getattr(cfg, "encoder_lr_scale", 1.0) > 0:
+        raise UserError(f"--encoder-lr-scale must be > 0 (1 = off; use --encoder-hold to stop E), got {cfg.encoder_lr_scale}")
     if getattr(cfg, "encoder_init", "") and not os.path.isfile(cfg.encoder_init):
         raise UserError(f"--encoder-init {cfg.encoder_init} does not exist: write it with gains.py --supervised-encoder "
                         "STEPS --out DIR (DIR/encoder.pt) or fix the path")

@@ -98,9 +98,15 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             raise UserError(f"{ckpt_path} holds a model of another shape than these flags build "
                             f"({config_diff(ck['config'], asdict(cfg)) or 'same flags'}): resume with the flags "
                             f"it was trained with, or choose another --out")
-        opt.load_state_dict(ck["opt"])
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr                                     # the command line's --lr applies
+        scales = [group.get("lr_scale", 1.0) for group in opt.param_groups]
+        try:
+            opt.load_state_dict(ck["opt"])
+        except ValueError:
+            raise UserError(f"{ckpt_path} was trained with another optimiser setup than these flags build "
+                            f"({config_diff(ck['config'], asdict(cfg)) or 'same flags'}): resume with "
+                            f"--encoder-lr-scale 1 or not 1 as it was trained, or choose another --out") from None
+        for group, scale in zip(opt.param_groups, scales):         # the command line's --lr (and lr scale) apply
+            group["lr_scale"], group["lr"] = scale, cfg.lr * scale
         start, log, saved = ck["step"], ck["log"], ck["step"]
         hist.sum, hist.count = ck["hist"]
         if len(ck["rng"]) != world and rank == 0:
@@ -165,7 +171,7 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             average_gradients(params, world)
         if lr_at:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
         opt.step()
         ema_update(ema, model, ema_decay_at(cfg.ema_decay, step))
         figures = torch.stack([loss.detach().double()] + [torch.as_tensor(v, dtype=torch.float64, device=device)

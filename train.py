@@ -187,7 +187,17 @@ def train_diti(cfg, resume=False):
     extra = dict(dm_path=os.path.abspath(cfg.dm), dm_config=dm_cfg, unet=dm_ckpt["unet"],
                  partition=list(model.partition.ends))
     hold = (list(model.encoder.parameters()), cfg.encoder_hold) if cfg.encoder_hold else None
-    return fit(cfg, "diti", model, loss_fn, stream, device, rank, world, resume, extra, hold=hold)
+    return fit(cfg, "diti", model, loss_fn, stream, device, rank, world, resume, extra, hold=hold,
+               make_opt=(lambda params: diti_optimiser(model, params, cfg)) if cfg.encoder_lr_scale != 1 else None)
+
+
+def diti_optimiser(model, params, cfg):
+    """Adam over E and G with E's lr cfg.lr x cfg.encoder_lr_scale (--encoder-lr-scale, beyond the paper; at 1
+    fit's one-group Adam is used). Each group keeps its lr_scale, so a resume with another --lr keeps the ratio."""
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [dict(params=[p for p in params if id(p) in encoder], lr_scale=cfg.encoder_lr_scale),
+              dict(params=[p for p in params if id(p) not in encoder], lr_scale=1.0)]
+    return torch.optim.Adam([dict(g, lr=cfg.lr * g["lr_scale"]) for g in groups if g["params"]], lr=cfg.lr)
 
 
 def load_encoder_init(encoder, path):

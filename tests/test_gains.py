@@ -173,3 +173,30 @@ def test_stage_two_starts_from_the_supervised_encoder_holds_it_and_refuses_a_wro
         train.main(stage2 + ["--z-dim", "32", "--out", str(tmp_path / "wide"), "--encoder-init", str(sup / "encoder.pt")])
     with pytest.raises(config.UserError, match="--encoder-init nowhere.pt does not exist: write it with gains.py"):
         train.main(stage2 + ["--out", str(tmp_path / "none"), "--encoder-init", "nowhere.pt"])
+
+
+def test_encoder_lr_scale_slows_e_alone_keeps_its_ratio_on_resume_and_refuses_a_changed_setup(tmp_path, monkeypatch, one_thread):
+    """--encoder-lr-scale 0.001: after 3 Adam steps of lr 1e-3 E has moved by at most a few 1e-6 while G moved by
+    ~1e-3; a resume with --lr 2e-3 gives E 2e-6 and G 2e-3; a run resumed with the scale switched on is refused."""
+    monkeypatch.setenv("DITI_CACHE", str(tmp_path / "cache"))
+    import config
+    import train
+    dm = tmp_path / "dm"
+    train.main(["dm", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--n-train", "32", "--image-size", "16",
+                "--sample-steps", "1", "--out", str(dm)])
+    stage2 = ["diti", "--preset", "tiny", "--dm", str(dm / "ckpt.pt"), "--batch-size", "4", "--lr", "1e-3"]
+    train.main(stage2 + ["--steps", "1", "--lr", "0", "--out", str(tmp_path / "init")])    # lr 0: the init weights
+    init = torch.load(tmp_path / "init" / "ckpt.pt", weights_only=True)["model"]
+    slow = stage2 + ["--out", str(tmp_path / "slow"), "--encoder-lr-scale", "0.001"]
+    train.main(slow + ["--steps", "3"])
+    ckpt = torch.load(tmp_path / "slow" / "ckpt.pt", weights_only=True)
+    moved = {k: (v - init[k]).abs().max().item() for k, v in ckpt["model"].items() if v.is_floating_point()}
+    assert max(v for k, v in moved.items() if k.startswith("encoder.")) < 2e-5
+    assert max(v for k, v in moved.items() if not k.startswith("encoder.")) > 5e-4
+    train.main(slow + ["--steps", "4", "--lr", "2e-3", "--resume"])
+    lrs = [g["lr"] for g in torch.load(tmp_path / "slow" / "ckpt.pt", weights_only=True)["opt"]["param_groups"]]
+    assert lrs == pytest.approx([2e-6, 2e-3])
+    with pytest.raises(config.UserError, match="--encoder-lr-scale must be > 0"):
+        train.main(slow + ["--steps", "1", "--encoder-lr-scale", "0"])
+    with pytest.raises(config.UserError, match="another optimiser setup"):
+        train.main(stage2 + ["--steps", "2", "--out", str(tmp_path / "init"), "--encoder-lr-scale", "0.5", "--resume"])
