@@ -103,8 +103,8 @@ def fit(cfg, kind, model, loss_fn, stream, device, rank, world, resume, extra, m
             opt.load_state_dict(ck["opt"])
         except ValueError:
             raise UserError(f"{ckpt_path} was trained with another optimiser setup than these flags build "
-                            f"({config_diff(ck['config'], asdict(cfg)) or 'same flags'}): resume with "
-                            f"--encoder-lr-scale 1 or not 1 as it was trained, or choose another --out") from None
+                            f"({config_diff(ck['config'], asdict(cfg)) or 'same flags'}): resume with the "
+                            f"flags it was trained with, or choose another --out") from None
         for group, scale in zip(opt.param_groups, scales):         # the command line's --lr (and lr scale) apply
             group["lr_scale"], group["lr"] = scale, cfg.lr * scale
         start, log, saved = ck["step"], ck["log"], ck["step"]

@@ -198,5 +198,5 @@ def test_encoder_lr_scale_slows_e_alone_keeps_its_ratio_on_resume_and_refuses_a_
     assert lrs == pytest.approx([2e-6, 2e-3])
     with pytest.raises(config.UserError, match="--encoder-lr-scale must be > 0"):
         train.main(slow + ["--steps", "1", "--encoder-lr-scale", "0"])
-    with pytest.raises(config.UserError, match="another optimiser setup"):
+    with pytest.raises(config.UserError, match=r"another optimiser setup .*encoder_lr_scale: 1.0 -> 0.5"):
         train.main(stage2 + ["--steps", "2", "--out", str(tmp_path / "init"), "--encoder-lr-scale", "0.5", "--resume"])
