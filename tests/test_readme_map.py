@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
 DOCS = {name: (ROOT / name).read_text(encoding="utf-8") for name in ("README.md", "CLAIMS.md")}
+README = DOCS["README.md"]
 REFERENCE = re.compile(r"`((?:[\w-]+/)*[\w-]+)\.py:([\w.]+)`")       # `diti.py:Partition.subset_of_t`
 FILE = re.compile(r"`((?:[\w-]+/)*[\w-]+\.py)`")                       # `diffusion.py`
 LINK = re.compile(r"\]\(([^)\s]+)\)")                                    # [claims.md](results/claims/claims.md)
