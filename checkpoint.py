@@ -72,7 +72,7 @@ def config_diff(old, new):
                      if norm(old.get(k)) != norm(new.get(k)))
 
 
-DATA_FIELDS = ("data", "data_dir", "image_size", "n_train", "fine_loss_time", "texture_cell", "seed")
+DATA_FIELDS = ("data", "data_dir", "image_size", "n_train", "fine_loss_time", "texture_cell", "texture_region", "seed")
 
 
 def check_same_data(ck, cfg, ckpt_path):

@@ -207,6 +207,9 @@ def parser():
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--texture-cell", type=int, default=None,
                    help="beyond the paper: the texture's checker in cells of this many pixels (train.py dm --texture-cell)")
+    p.add_argument("--texture-region", default=None, choices=("object", "image"),
+                   help="beyond the paper: the texture's checker on the object (SPEC's) or over the whole image "
+                        "(train.py dm --texture-region)")
     p.add_argument("--base-channels", type=int, default=None,
                    help="the U-Net's width (train.py dm --base-channels; the claims preset's is 16)")
     p.add_argument("--precision", default=None,
@@ -225,6 +228,7 @@ def overrides_of(a):
     return dict(dm=(["--steps", str(a.dm_steps)] if a.dm_steps else [])
                 + (["--fine-loss-time", str(a.fine_loss_time)] if a.fine_loss_time else [])
                 + (["--texture-cell", str(a.texture_cell)] if a.texture_cell else [])
+                + (["--texture-region", a.texture_region] if a.texture_region else [])
                 + (["--base-channels", str(a.base_channels)] if a.base_channels else [])
                 + (["--precision", a.precision] if a.precision else []),
                 diti_fields={**(dict(steps=a.steps) if a.steps else {}),

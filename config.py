@@ -24,6 +24,7 @@ class DMConfig:
     n_train: int = 20000               # synthetic data only
     fine_loss_time: int = 0            # synthetic, beyond the paper (0 = off): fine factors made stronger, lost at ~t
     texture_cell: int = 1              # synthetic, beyond the paper: the texture's checker cell in pixels (1: SPEC's)
+    texture_region: str = "object"     # synthetic, beyond the paper: the checker on the object (SPEC's) or the image
     base_channels: int = 32
     channel_mult: tuple = (1, 2, 2)
     num_res_blocks: int = 1
@@ -250,6 +251,8 @@ def check_config(cfg):
                         f"factors fine), got {cfg.fine_loss_time}")
     if not 1 <= getattr(cfg, "texture_cell", 1) <= 4:
         raise UserError(f"--texture-cell must be 1 (SPEC's 1-pixel checker) to 4 pixels, got {cfg.texture_cell}")
+    if getattr(cfg, "texture_region", "object") not in ("object", "image"):
+        raise UserError(f"--texture-region must be object (SPEC's) or image, got '{cfg.texture_region}'")
     if not 0 <= getattr(cfg, "loss_gamma", 0.1) <= 1:
         raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")
     if not 0 <= getattr(cfg, "t_max", 0) <= 1000:

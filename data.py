@@ -153,12 +153,14 @@ def require_dir(path, what):
 
 # ---- the synthetic dataset --------------------------------------------------------------------------------
 def load_synthetic(size=32, seed=0, n_train=20000, n_test=4000, cache_dir=None, strength=1.0, fine_loss_time=0,
-                   texture_cell=1):
+                   texture_cell=1, texture_region="object"):
     """SPEC §7 data: {'train', 'test': Dataset, 'generator': Synthetic}; identical for a given seed and
     cached as .npz under cache_dir (default $DITI_CACHE or ~/.cache/diti), keyed by the rendering constants.
     fine_loss_time > 0: the fine factors made stronger, lost at about that t; texture_cell > 1: the texture's
-    checker in cells of that many pixels (both beyond the paper; Synthetic)."""
-    gen = Synthetic(size, seed, strength, fine_loss_time=fine_loss_time, texture_cell=texture_cell)
+    checker in cells of that many pixels; texture_region "image": the checker over the whole image (all three
+    beyond the paper; Synthetic)."""
+    gen = Synthetic(size, seed, strength, fine_loss_time=fine_loss_time, texture_cell=texture_cell,
+                    texture_region=texture_region)
     cache = Path(cache_dir) if cache_dir is not None else user_cache_dir()
     path = cache / f"synthetic_{CACHE_VERSION}_{gen.fingerprint()}_s{size}_seed{seed}_n{n_train}_{n_test}.npz"
     if path.exists():

@@ -52,6 +52,7 @@ FACTORS = [
 ]
 GEOMETRY = ("x_position", "y_position", "size", "shape")
 FINE = ("texture", "corner_mark")   # the factors lost before t = 150; what --fine-loss-time strengthens
+TEXTURE_REGIONS = ("object", "image")   # where the texture's checker is drawn (SPEC: on the object; --texture-region)
 TV_HALF = 1.3489795003921634        # 2 Phi^-1(0.75): TV_t = 0.5 where sqrt(SNR_t) ||x0 - x0'|| equals this
 
 
@@ -71,12 +72,19 @@ def shape_inside(shape, dx, dy, r):
 class Synthetic:
     """Renders 32x32 (or size x size) RGB images from label vectors of the FACTORS above."""
 
-    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None, fine_loss_time=0, texture_cell=1):
+    def __init__(self, size=32, seed=0, strength=1.0, amplitudes=None, fine_loss_time=0, texture_cell=1,
+                 texture_region="object"):
         """fine_loss_time > 0 (beyond the paper, off by default) raises the contrast of the FINE factors so
         that each is lost at about that t instead (keep it below 150 so they stay fine; see strengthen_fine).
         texture_cell > 1 (beyond the paper) draws the texture's checker in cells of that many pixels: the same
-        pixel energy (so about the same t_f), a lower spatial frequency than SPEC's 1-pixel one."""
+        pixel energy (so about the same t_f), a lower spatial frequency than SPEC's 1-pixel one.
+        texture_region "image" (beyond the paper; SPEC's is "object") draws the checker over the whole image,
+        fixed in place and independent of every other factor, at the contrast that keeps the object checker's
+        median ||x0 - x0'|| (so about the same t_f)."""
+        if texture_region not in TEXTURE_REGIONS:
+            raise ValueError(f"texture_region must be one of {TEXTURE_REGIONS}, got {texture_region!r}")
         self.size, self.seed, self.unit, self.texture_cell = size, seed, size / 32, texture_cell
+        self.texture_region = "object"     # until the object checker's energy is measured (below)
         self.amp = {k: strength * v / self.unit for k, v in {**AMPLITUDES, **(amplitudes or {})}.items()}
         self.factor_names = [name for name, _ in FACTORS]
         self.value_names = [values for _, values in FACTORS]
@@ -92,20 +100,31 @@ class Synthetic:
         self._checker = np.where((cell[:, None] + cell) % 2 == 0, 1.0, -1.0)
         angles = 2 * np.pi * np.arange(NUM_HUES) / NUM_HUES
         self._hues = np.stack([np.cos(angles - k * 2 * np.pi / 3) for k in range(3)], 1)  # (K, 3)
+        if texture_region != "object":
+            on_object = self.median_change("texture", np.random.default_rng([seed, 8]))
+            self.texture_region = texture_region
+            self.scale_to_change("texture", on_object, np.random.default_rng([seed, 8]))
         if fine_loss_time:
             self.strengthen_fine(fine_loss_time)
 
-    def strengthen_fine(self, loss_time, n_pairs=255):
+    def median_change(self, name, rng, n_pairs=255):
+        """The median ||x0 - x0'|| (float renders) over n_pairs pairs drawn from rng that differ only in `name`."""
+        a, b = self.changed_pairs(name, n_pairs, rng)
+        return float(np.median(np.sqrt(((self.render_float(a) - self.render_float(b)) ** 2).reshape(n_pairs, -1).sum(1))))
+
+    def scale_to_change(self, name, target, rng):
+        """Scale a non-geometric factor's contrast so that its median ||x0 - x0'|| is target (it is linear in it)."""
+        self.amp[name] = float(self.amp[name] * target / self.median_change(name, rng))
+
+    def strengthen_fine(self, loss_time):
         """Scale each FINE factor's contrast so that its median TV_t crosses 0.5 at t = loss_time: that needs
-        a median ||x0 - x0'|| of TV_HALF / sqrt(SNR_t) (SPEC §7), and ||x0 - x0'|| is linear in the contrast."""
+        a median ||x0 - x0'|| of TV_HALF / sqrt(SNR_t) (SPEC §7)."""
         if not 0 < loss_time < 1000:
             raise ValueError(f"fine_loss_time must lie in (0, 1000), got {loss_time}")
         target = TV_HALF / math.sqrt(float(diffusion.linear_schedule().snr[int(loss_time)]))
         rng = np.random.default_rng([self.seed, 7])
         for name in FINE:
-            a, b = self.changed_pairs(name, n_pairs, rng)
-            now = np.median(np.sqrt(((self.render_float(a) - self.render_float(b)) ** 2).reshape(n_pairs, -1).sum(1)))
-            self.amp[name] = float(self.amp[name] * target / now)
+            self.scale_to_change(name, target, rng)
 
     def fingerprint(self):
         """A short hash of every rendering constant, so caches follow any change of them."""
@@ -113,6 +132,8 @@ class Synthetic:
                   RING_WIDTH, SUPERSAMPLE, sorted(self.amp.items()))
         if self.texture_cell > 1:                                     # (so the default data keeps its caches)
             consts += (self.texture_cell,)
+        if self.texture_region != "object":
+            consts += (self.texture_region,)
         return hashlib.sha1(repr(consts).encode()).hexdigest()[:10]
 
     def factor_index(self, factor):
@@ -145,7 +166,8 @@ class Synthetic:
         img += a["stripe"] * (f["stripe"][:, None, None, None] * self._stripe[None, :, None, None])
         obj = OBJECT_LEVEL + a["hue"] * self._hues[f["hue"]]                       # (n, 3)
         img = img * (1 - cov) + obj[:, None, None] * cov
-        img += a["texture"] * f["texture"][:, None, None, None] * self._checker[None, :, :, None] * cov
+        texture_area = cov if self.texture_region == "object" else 1.0
+        img += a["texture"] * f["texture"][:, None, None, None] * self._checker[None, :, :, None] * texture_area
         img += a["outline"] * f["outline"][:, None, None, None] * ring
         img += a["corner_mark"] * f["corner_mark"][:, None, None, None] * self._corner[None, :, :, None]
         return img
@@ -176,6 +198,8 @@ class Synthetic:
         edited = self.with_value(labels, factor, value)
         if name in GEOMETRY:
             return (self.coverage(labels, RING_WIDTH) > 0) | (self.coverage(edited, RING_WIDTH) > 0)
+        if name == "texture" and self.texture_region == "image":
+            return np.ones((len(labels), self.size, self.size), bool)
         if name in ("hue", "texture"):
             return self.coverage(labels) > 0
         if name == "outline":

@@ -63,14 +63,18 @@ def frozen_eps(unet, dm_config, exact):
         raise UserError(f"--exact-eps needs the built-in data (the DDPM was trained on '{dm_config['data']}'): "
                         f"drop --exact-eps, or pass --dm a DDPM trained on --data synthetic")
     device = next(unet.parameters()).device
-    return synthetic.ExactDenoiser(unet, synthetic_generator(dm_config)).to(device)
+    try:
+        return synthetic.ExactDenoiser(unet, synthetic_generator(dm_config)).to(device)
+    except ValueError as e:                   # a factor layout it cannot sum apart (--texture-region image)
+        raise UserError(f"--exact-eps cannot use this DDPM's data ({e}): drop --exact-eps, or pass --dm a DDPM "
+                        f"trained with --texture-region object")
 
 
 def synthetic_generator(dm_config):
     """The built-in data's renderer for a DDPM config (a dict), as the data loader builds it."""
     options = synthetic_options(dm_config)
-    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"], fine_loss_time=options["fine_loss_time"],
-                               texture_cell=options["texture_cell"])
+    del options["n_train"]
+    return synthetic.Synthetic(dm_config["image_size"], dm_config["seed"], **options)
 
 
 def build_diti(dm_ckpt, cfg):
@@ -98,11 +102,11 @@ def tv_curves_for(dm_config):
 
 def synthetic_options(dm_config):
     """The built-in data's options held in a DDPM config (a dict); {} for real data. Older checkpoints lack
-    fine_loss_time and texture_cell: they were trained on the default data."""
+    the options beyond the paper (fine_loss_time, texture_cell, texture_region): they used the default data."""
     if dm_config["data"] != "synthetic":
         return {}
-    return dict(n_train=dm_config["n_train"], fine_loss_time=dm_config.get("fine_loss_time", DMConfig.fine_loss_time),
-                texture_cell=dm_config.get("texture_cell", DMConfig.texture_cell))
+    beyond = ("fine_loss_time", "texture_cell", "texture_region")
+    return dict(n_train=dm_config["n_train"], **{k: dm_config.get(k, getattr(DMConfig, k)) for k in beyond})
 
 
 def load_train_split(dm_config, rank=0, world=1):

@@ -379,3 +379,27 @@ def test_texture_cell_draws_the_checker_in_larger_cells_with_the_same_energy():
     t = base.factor_names.index("texture")
     assert abs(int(synthetic.attribute_loss_curves(coarse)[1][t]) - int(synthetic.attribute_loss_curves(base)[1][t])) <= 3
     assert coarse.fingerprint() != base.fingerprint() == data.Synthetic(size=16, texture_cell=1).fingerprint()
+
+
+def test_texture_region_image_draws_the_checker_everywhere_with_the_object_checkers_energy():
+    """Beyond the paper (--texture-region image): the checker over the whole image, the same +-amplitude on every
+    pixel whatever the other factors; its median ||x0 - x0'|| (so its t_f) is the object checker's; nothing
+    else changes, and the default data keeps its cache."""
+    base, spread = data.Synthetic(size=16), data.Synthetic(size=16, texture_region="image")
+    labels = base.sample_labels(64, np.random.default_rng(0))
+    plain, textured = base.with_value(labels, "texture", 0), base.with_value(labels, "texture", 1)
+    assert np.array_equal(spread.render_float(plain), base.render_float(plain))
+    diff = spread.render_float(textured) - spread.render_float(plain)
+    assert np.allclose(diff, spread.amp["texture"] * spread._checker[None, :, :, None])      # fixed, everywhere
+    assert diff[0, 0, 0, 0] == pytest.approx(spread.amp["texture"]) and diff[0, 0, 1, 0] == pytest.approx(-spread.amp["texture"])
+    norm = np.sqrt(16 * 16 * 3) * spread.amp["texture"]                   # every pair changes by the same amount
+    assert norm == pytest.approx(base.median_change("texture", np.random.default_rng([0, 8])))
+    assert spread.amp["texture"] < base.amp["texture"] / 2               # spread over ~10 x the object's area
+    t = base.factor_names.index("texture")
+    assert abs(int(synthetic.attribute_loss_curves(spread)[1][t]) - int(synthetic.attribute_loss_curves(base)[1][t])) <= 3
+    assert spread.affected_pixels(labels, "texture", 1).all()
+    assert spread.fingerprint() != base.fingerprint() == data.Synthetic(size=16, texture_region="object").fingerprint()
+    strong = data.Synthetic(size=16, fine_loss_time=140, texture_region="image")      # then strengthened as asked
+    assert np.sqrt(16 * 16 * 3) * strong.amp["texture"] == pytest.approx(synthetic.TV_HALF / float(diffusion.linear_schedule().snr[140]) ** 0.5)
+    with pytest.raises(ValueError, match="texture_region"):
+        data.Synthetic(size=16, texture_region="background")

@@ -343,6 +343,9 @@ def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt,
     assert ckpt["config"]["exact_eps"] is True and isinstance(unet, synthetic.ExactDenoiser)
     with pytest.raises(train_module.UserError, match="--exact-eps needs the built-in data"):
         train_module.frozen_eps(unet.unet, dict(data="folder"), exact=True)
+    spread = {**ckpt["dm_config"], "texture_region": "image"}          # the texture on the stripe's and mark's pixels
+    with pytest.raises(train_module.UserError, match="--exact-eps cannot use this DDPM's data .*--texture-region object"):
+        train_module.frozen_eps(unet.unet, spread, exact=True)
     # claims.py --eps-errors: nothing beats the exact denoiser, which at t = 10 knows the image; this run's own
     # eps is the exact one (its shift is still near 0), the 2-step DDPM's is far off
     import gains
@@ -352,7 +355,7 @@ def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt,
 
 
 def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
-    """--fine-loss-time and --texture-cell change the data: a DDPM trained without them is not continued with
+    """--fine-loss-time, --texture-cell and --texture-region change the data: a DDPM trained without them is not continued with
     them (nor reused by claims.py), and values out of range are refused before any work."""
     out = tmp_path / "run"
     out.mkdir()
@@ -365,6 +368,9 @@ def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     result = train(env, "dm", *DM, "--texture-cell", 2, "--resume", "--out", out)
     assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "texture_cell: 1 -> 2")
     assert_user_error(train(env, "dm", *DM, "--texture-cell", 0), "--texture-cell must be 1")
+    result = train(env, "dm", *DM, "--texture-region", "image", "--resume", "--out", out)
+    assert_user_error(result, str(out / "ckpt.pt"), "trained on other data", "texture_region: object -> image")
+    assert_user_error(train(env, "dm", *DM, "--texture-region", "edge"), "--texture-region must be object")
 
 
 def test_claims_does_not_reuse_a_ddpm_of_another_width(dm_ckpt, tmp_path):
