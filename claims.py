@@ -207,7 +207,7 @@ def parser():
                    help="beyond the paper: make the fine factors stronger, lost at about this t (train.py dm --fine-loss-time)")
     p.add_argument("--texture-cell", type=int, default=None,
                    help="beyond the paper: the texture's checker in cells of this many pixels (train.py dm --texture-cell)")
-    p.add_argument("--texture-region", default=None, choices=("object", "image"),
+    p.add_argument("--texture-region", default=None,
                    help="beyond the paper: the texture's checker on the object (SPEC's) or over the whole image "
                         "(train.py dm --texture-region)")
     p.add_argument("--base-channels", type=int, default=None,
@@ -265,7 +265,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     rows = grid_rows() if a.rows == "all" else a.rows.split(",")
     overrides = overrides_of(a)
-    for row in rows:                                      # validate every row before training anything
+    config.make_config("dm", ["--preset", a.preset, *overrides["dm"]])      # validate the DDPM's flags and
+    for row in rows:                                      # every row before training anything
         config.check_config(stage2_config(row, a.preset, 0, "", overrides))
     os.makedirs(a.out, exist_ok=True)
     claims = run_grid(a.out, a.preset, a.eval_preset or a.preset, [int(s) for s in a.seeds.split(",")], rows,

@@ -8,6 +8,7 @@ import argparse
 import os
 from dataclasses import dataclass, fields, replace
 
+from synthetic import TEXTURE_REGIONS
 from unet import UNetConfig
 
 
@@ -251,7 +252,7 @@ def check_config(cfg):
                         f"factors fine), got {cfg.fine_loss_time}")
     if not 1 <= getattr(cfg, "texture_cell", 1) <= 4:
         raise UserError(f"--texture-cell must be 1 (SPEC's 1-pixel checker) to 4 pixels, got {cfg.texture_cell}")
-    if getattr(cfg, "texture_region", "object") not in ("object", "image"):
+    if getattr(cfg, "texture_region", "object") not in TEXTURE_REGIONS:
         raise UserError(f"--texture-region must be object (SPEC's) or image, got '{cfg.texture_region}'")
     if not 0 <= getattr(cfg, "loss_gamma", 0.1) <= 1:
         raise UserError(f"--loss-gamma must lie in [0, 1] (the paper's is 0.1), got {cfg.loss_gamma}")

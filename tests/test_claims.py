@@ -42,6 +42,17 @@ def test_stage2_batch_flag_reaches_every_row_as_a_budget_not_an_option():
         claims.main(["--batch-size", "-2", "--rows", "pdae", "--out", "/nonexistent/never-written"])
 
 
+def test_the_ddpm_flags_are_checked_before_any_work(tmp_path):
+    """A bad data option (it reaches train.py dm) is one line before the grid's folder is made."""
+    assert claims.overrides_of(claims.parser().parse_args(["--texture-region", "image"]))["dm"] == ["--texture-region", "image"]
+    for flags, message in ((["--texture-region", "edge"], "--texture-region must be object .* got 'edge'"),
+                           (["--texture-cell", "9"], "--texture-cell must be 1"),
+                           (["--fine-loss-time", "2000"], "--fine-loss-time must be 0")):
+        with pytest.raises(config.UserError, match=message):
+            claims.main([*flags, "--rows", "pdae", "--out", str(tmp_path / "never-written")])
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_answer_needs_every_factor_every_seed_and_stop_grad():
     c = dict(loss_times={"a": 1, "b": 2, "c": 3})
     full = {"seeds": 2, "probe_map": dict(rho_mean=0.9, n_factors=3, rho_seeds=2),
