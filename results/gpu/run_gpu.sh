@@ -9,6 +9,11 @@
 #   4. the celeba64 preset's real training loop (train.py dm then diti, built-in data at 64 px) for a few hundred steps
 # Everything lands in $OUT/gpu.tar.gz. The whole grid alone in one call (estimated ten minutes with MPS):
 #   GRID_END=570 BENCH_PRESETS= C64_STEPS=0 bash results/gpu/run_gpu.sh
+# PREP=<folder> starts the grid's folder from a copy of one made beforehand (each seed's DDPM and factor
+# classifier trained on a CPU, the claims.json of the runs already done): what it holds is not trained again.
+# The second call (the grid's missing rows, the DDPMs carried in runs/gpu_prep/claims):
+#   PREP=runs/gpu_prep/claims ROWS="stop_grad-uniform-k4 stop_grad-fitted-k4 base-uniform-k4 base-fitted-k4 disdiff" \
+#   GRID_END=420 END=520 BENCH_PRESETS=celeba64 C64_STEPS=200 bash results/gpu/run_gpu.sh
 # Knobs (environment) let the same script run in minutes on a CPU:
 #   PRESET=tiny SEEDS=0 JOBS=2 DEVICE=cpu GRID_END=200 END=400 BENCH_PRESETS=tiny C64_STEPS=0 bash results/gpu/run_gpu.sh
 set -u
@@ -19,7 +24,9 @@ PRECISION=${PRECISION:-fp32}     # the grid's training precision: as on the CPU 
 ROWS=${ROWS:-stop_grad-uniform-k8 stop_grad-fitted-k8 base-uniform-k8 base-fitted-k8 pdae disdiff stop_grad-uniform-k4 stop_grad-fitted-k4 base-uniform-k4 base-fitted-k4}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+PREP=${PREP:-}
 mkdir -p "$OUT" "$W/logs" "$G"
+[ -n "$PREP" ] && cp -r "$PREP"/. "$G"/
 t0=$(date +%s)
 now() { echo $(( $(date +%s) - t0 )); }
 say() { echo "[$(now) s] $*" | tee -a "$W/timeline.txt"; }
@@ -54,9 +61,9 @@ $PY claims.py --preset tiny --out "$W/smoke_claims" --seeds 0 --rows stop_grad-f
     >"$W/logs/smoke_claims.log" 2>&1 & smoke2=$!
 prep=()
 for s in $SEEDS; do
-    $PY train.py dm --preset "$PRESET" --seed "$s" --out "$G/seed$s/dm" --device "$DEVICE" --precision "$PRECISION" \
+    [ -f "$G/seed$s/dm/ckpt.pt" ] || { $PY train.py dm --preset "$PRESET" --seed "$s" --out "$G/seed$s/dm" --device "$DEVICE" --precision "$PRECISION" \
         >"$W/logs/dm_s$s.log" 2>&1 &
-    prep+=($!)
+    prep+=($!); }
     OMP_NUM_THREADS=2 $PY -c "
 import dataclasses, os, claims, config
 dm, _, _ = config.make_config('dm', ['--preset', '$PRESET'])
@@ -65,12 +72,12 @@ claims.shared_classifier('$G/seed$s', config.eval_config('$PRESET', seed=$s), da
 done
 for p in $smoke $smoke2; do
     if ! wait $p; then
-        say "SMOKE FAILED: stopping"; tail -30 "$W"/logs/smoke_*.log; kill "${prep[@]}" 2>/dev/null; pack; exit 1
+        say "SMOKE FAILED: stopping"; tail -30 "$W"/logs/smoke_*.log; kill ${prep[@]+"${prep[@]}"} 2>/dev/null; pack; exit 1
     fi
 done
 say "smoke passed"
-for p in "${prep[@]}"; do wait $p || { say "a DDPM failed"; tail -30 "$W"/logs/dm_s*.log; pack; exit 1; }; done
-say "DDPMs done"
+for p in ${prep[@]+"${prep[@]}"}; do wait $p || { say "a DDPM failed"; tail -30 "$W"/logs/dm_s*.log; pack; exit 1; }; done
+say "DDPMs done ($(ls "$G"/seed*/dm/ckpt.pt 2>/dev/null | wc -l) of them)"
 
 # 2. the grid: JOBS runs at a time, stopped at GRID_END ---------------------------------------------------------
 say "phase 2: claims grid, $JOBS at a time"
