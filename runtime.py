@@ -14,10 +14,20 @@ import torch.distributed as dist
 from config import UserError
 
 
+def local_cuda_index():
+    """This process's GPU: LOCAL_RANK under torchrun (one GPU a rank), else 0; refused in one line when torchrun
+    started more ranks on this machine than it has GPUs."""
+    rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if rank >= count:
+        raise UserError(f"torchrun started local rank {rank} on a machine with {count} CUDA GPU(s): use "
+                        f"--nproc_per_node {count} or fewer, or --device cpu to run every rank on the CPU (gloo)")
+    return rank
+
+
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", local_cuda_index())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -28,7 +38,7 @@ def pick_device(name):
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise UserError(f"unknown device '{name}': choose auto, cpu, cuda or mps")
     if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))     # under torchrun: one GPU a rank
+        return torch.device("cuda", local_cuda_index())     # under torchrun: one GPU a rank
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -67,7 +77,7 @@ def dist_setup(device_name):
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_cuda_index())
         dist.init_process_group(backend, timeout=timedelta(hours=1))   # rank 0 may be building a data cache
     return (dist.get_rank() if world > 1 else 0), world
 

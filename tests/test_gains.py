@@ -156,16 +156,16 @@ def test_stage_two_starts_from_the_supervised_encoder_holds_it_and_refuses_a_wro
     train.main(["dm", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--n-train", "32", "--image-size", "16",
                 "--sample-steps", "1", "--out", str(dm)])
     gains.supervised_encoder(16, steps=2, z_dim=16, n_train=32, n_test=16, out=str(sup))
-    saved = torch.load(sup / "encoder.pt", weights_only=True)["encoder"]
+    saved = torch.load(sup / "encoder.pt", map_location="cpu", weights_only=True)["encoder"]
     stage2 = ["diti", "--preset", "tiny", "--dm", str(dm / "ckpt.pt"), "--steps", "1", "--batch-size", "4"]
     train.main(stage2 + ["--lr", "0", "--out", str(run), "--encoder-init", str(sup / "encoder.pt")])
-    trained = torch.load(run / "ckpt.pt", weights_only=True)["model"]
+    trained = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)["model"]   # trained on CUDA if any
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in saved.items())    # lr 0: E is still the init
     held = stage2 + ["--out", str(tmp_path / "held"), "--encoder-init", str(sup / "encoder.pt"),
                      "--encoder-hold", "3"]
     for steps, kept in (("3", True), ("5", False)):     # held for 3 steps, then released (a resume to 5)
         train.main(held + ["--steps", steps, "--resume"])
-        trained = torch.load(tmp_path / "held" / "ckpt.pt", weights_only=True)["model"]
+        trained = torch.load(tmp_path / "held" / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
         assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in saved.items()) == kept
     with pytest.raises(config.UserError, match="--encoder-hold must be a number of steps >= 0"):
         train.main(held + ["--encoder-hold", "-1"])

@@ -87,3 +87,21 @@ def test_the_16px_presets_train_in_fp32_and_the_flag_still_wins():
             assert cfg.precision == "fp32", (preset, stage)
     assert config.make_config("diti", ["--preset", "celeba64"])[0].precision == "auto"
     assert config.make_config("dm", ["--preset", "claims", "--precision", "bf16"])[0].precision == "bf16"
+
+
+def test_each_torchrun_rank_gets_its_own_gpu_and_more_ranks_than_gpus_is_refused(monkeypatch):
+    """Found on an H200: two ranks on one GPU crashed deep in torch ('invalid device ordinal'); now one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.pick_device("auto") == torch.device("cuda", 1)
+    assert runtime.pick_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert runtime.pick_device("auto") == torch.device("cuda", 0)          # one process: the first GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name in ("auto", "cuda"):
+        with pytest.raises(config.UserError, match=r"local rank 1 on a machine with 1 CUDA GPU\(s\): use "
+                                                   r"--nproc_per_node 1 or fewer, or --device cpu"):
+            runtime.pick_device(name)
+    assert runtime.pick_device("cpu") == torch.device("cpu")
