@@ -13,7 +13,7 @@
 # classifier trained on a CPU, the claims.json of the runs already done): what it holds is not trained again.
 # The second call (the grid's missing rows, the DDPMs carried in runs/gpu_prep/claims):
 #   PREP=runs/gpu_prep/claims ROWS="stop_grad-uniform-k4 stop_grad-fitted-k4 base-uniform-k4 base-fitted-k4 disdiff" \
-#   GRID_END=420 END=520 BENCH_PRESETS=celeba64 C64_STEPS=200 bash results/gpu/run_gpu.sh
+#   GRID_END=400 END=530 BENCH_PRESETS=celeba64 C64_STEPS=300 bash results/gpu/run_gpu.sh
 # Knobs (environment) let the same script run in minutes on a CPU:
 #   PRESET=tiny SEEDS=0 JOBS=2 DEVICE=cpu GRID_END=200 END=400 BENCH_PRESETS=tiny C64_STEPS=0 bash results/gpu/run_gpu.sh
 set -u
