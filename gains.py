@@ -30,6 +30,7 @@ not what keeps stage 2 from learning it. E's weights go to --out/encoder.pt, fro
 --encoder-init` (and claims.py's) starts stage 2: does the DiTi loss keep, and place, what E already reads?
 
     python gains.py --fine-loss-time 140 --supervised-encoder 2000 --out runs/sup_enc
+    python gains.py --fine-loss-time 140 --supervised-encoder 20000 --supervised-evals 500,1000,2000,5000,10000 --out runs/sup_enc_20k
 """
 import argparse
 import json
@@ -313,6 +314,7 @@ def main(argv=None):
                    "--supervised-encoder, where its encoder.pt is written")
     p.add_argument("--supervised-encoder", type=int, default=0, metavar="STEPS",
                    help="train E with the labels (a linear head on z) for this many steps and print what it reads")
+    p.add_argument("--supervised-evals", default="500,1000", help="steps at which to measure as well")
     a = p.parse_args(argv)
     if a.supervised_encoder < 0:
         raise SystemExit(f"error: --supervised-encoder must be a number of steps >= 1, got {a.supervised_encoder}")
@@ -320,7 +322,12 @@ def main(argv=None):
         raise SystemExit(f"error: --supervised-encoder needs a --size divisible by 16 (E halves the image four times), "
                          f"got {a.size}")
     if a.supervised_encoder:
-        gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder, out=a.out)
+        try:
+            evals = tuple(int(s) for s in a.supervised_evals.split(",") if s)
+        except ValueError:
+            raise SystemExit(f"error: --supervised-evals must be steps separated by commas, e.g. 500,1000, "
+                             f"got {a.supervised_evals!r}")
+        gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder, evals=evals, out=a.out)
         print(f"E trained with the labels (a linear head on z, batch 32, lr 1e-3), {a.size} px"
               + (f", --fine-loss-time {a.fine_loss_time}" if a.fine_loss_time else "")
               + ": test accuracy of the head, chance-rescaled (chance = 0, perfect = 1)\n")
