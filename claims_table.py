@@ -78,7 +78,7 @@ def answer(claims, table):
 
 def scope(claims, table):
     """One computed paragraph: which rows and seeds of the grid this table holds, at which budget."""
-    dm, _, _ = config.make_config("dm", ["--preset", claims["preset"]])
+    dm, _, _ = config.make_config("dm", ["--preset", claims["preset"], *claims.get("overrides", {}).get("dm", [])])
     runs = list(claims["runs"].values())
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r["dm_steps"], r["steps"], r["batch_size"]) for r in runs})

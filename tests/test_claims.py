@@ -118,6 +118,18 @@ def test_options_beyond_the_paper_are_named_in_the_scope_line():
     assert "Options" not in claims_table.scope(dict(preset="tiny", runs={}), {})
 
 
+def test_the_image_size_reaches_the_ddpm_and_the_scope_line(tmp_path):
+    overrides = claims.overrides_of(claims.parser().parse_args(["--image-size", "32"]))
+    assert overrides["dm"] == ["--image-size", "32"]
+    line = claims_table.scope(dict(preset="claims", runs={}, overrides=overrides), {})
+    assert "; 32-px built-in data;" in line and line.endswith("Options beyond the `claims` preset: --image-size 32.")
+    assert "; 16-px built-in data;" in claims_table.scope(dict(preset="claims", runs={}), {})
+    for size in ("24", "8"):
+        with pytest.raises(config.UserError, match=f"--image-size must be a multiple of 16 .*got {size}"):
+            claims.main(["--image-size", size, "--rows", "pdae", "--out", str(tmp_path / "never-written")])
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_runs_written_by_another_process_are_kept(tmp_path):
     """Two claims.py side by side (one per seed) each read claims.json at start: neither may drop the other's runs."""
     path = str(tmp_path / "claims.json")

@@ -14,6 +14,9 @@
 # The second call (the grid's missing rows, the DDPMs carried in runs/gpu_prep/claims):
 #   PREP=runs/gpu_prep/claims ROWS="stop_grad-uniform-k4 stop_grad-fitted-k4 base-uniform-k4 base-fitted-k4 disdiff" \
 #   GRID_END=400 END=530 BENCH_PRESETS=celeba64 C64_STEPS=300 bash results/gpu/run_gpu.sh
+# CLAIMS_ARGS: more claims.py flags for the grid; its data and DDPM flags reach phase 1's DDPMs and classifiers.
+# The grid at 32 px, where E reads every factor when told the labels (at 16 px the size stops at 0.80):
+#   CLAIMS_ARGS="--image-size 32 --fine-loss-time 140" GRID_END=570 BENCH_PRESETS= C64_STEPS=0 bash results/gpu/run_gpu.sh
 # Knobs (environment) let the same script run in minutes on a CPU:
 #   PRESET=tiny SEEDS=0 JOBS=2 DEVICE=cpu GRID_END=200 END=400 BENCH_PRESETS=tiny C64_STEPS=0 bash results/gpu/run_gpu.sh
 set -u
@@ -25,6 +28,9 @@ ROWS=${ROWS:-stop_grad-uniform-k8 stop_grad-fitted-k8 base-uniform-k8 base-fitte
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 PREP=${PREP:-}
+CLAIMS_ARGS=${CLAIMS_ARGS:-}
+DM_FLAGS=$($PY -c "import claims; print(' '.join(claims.overrides_of(claims.parser().parse_args('$CLAIMS_ARGS'.split()))['dm']))") \
+    || { echo "CLAIMS_ARGS: not claims.py flags: $CLAIMS_ARGS"; exit 1; }
 mkdir -p "$OUT" "$W/logs" "$G"
 [ -n "$PREP" ] && cp -r "$PREP"/. "$G"/
 t0=$(date +%s)
@@ -61,12 +67,12 @@ $PY claims.py --preset tiny --out "$W/smoke_claims" --seeds 0 --rows stop_grad-f
     >"$W/logs/smoke_claims.log" 2>&1 & smoke2=$!
 prep=()
 for s in $SEEDS; do
-    [ -f "$G/seed$s/dm/ckpt.pt" ] || { $PY train.py dm --preset "$PRESET" --seed "$s" --out "$G/seed$s/dm" --device "$DEVICE" --precision "$PRECISION" \
+    [ -f "$G/seed$s/dm/ckpt.pt" ] || { $PY train.py dm --preset "$PRESET" $DM_FLAGS --seed "$s" --out "$G/seed$s/dm" --device "$DEVICE" --precision "$PRECISION" \
         >"$W/logs/dm_s$s.log" 2>&1 &
     prep+=($!); }
     OMP_NUM_THREADS=2 $PY -c "
 import dataclasses, os, claims, config
-dm, _, _ = config.make_config('dm', ['--preset', '$PRESET'])
+dm, _, _ = config.make_config('dm', ['--preset', '$PRESET', *'$DM_FLAGS'.split()])
 claims.shared_classifier('$G/seed$s', config.eval_config('$PRESET', seed=$s), dataclasses.replace(dm, seed=$s))
 " >"$W/logs/classifier_s$s.log" 2>&1 &       # needed at the first evaluation only: not waited for
 done
@@ -82,7 +88,7 @@ say "DDPMs done ($(ls "$G"/seed*/dm/ckpt.pt 2>/dev/null | wc -l) of them)"
 # 2. the grid: JOBS runs at a time, stopped at GRID_END ---------------------------------------------------------
 say "phase 2: claims grid, $JOBS at a time"
 for r in $ROWS; do for s in $SEEDS; do echo "$s $r"; done; done >"$W/jobs.txt"
-setsid bash -c "xargs -P $JOBS -L 1 bash -c '$PY claims.py --out $G --preset $PRESET --seeds \$0 --rows \$1 --precision $PRECISION --threads 1 >$W/logs/s\$0_\$1.log 2>&1' <$W/jobs.txt" &
+setsid bash -c "xargs -P $JOBS -L 1 bash -c '$PY claims.py --out $G --preset $PRESET --seeds \$0 --rows \$1 $CLAIMS_ARGS --precision $PRECISION --threads 1 >$W/logs/s\$0_\$1.log 2>&1' <$W/jobs.txt" &
 grid=$!
 while kill -0 $grid 2>/dev/null && [ "$(now)" -lt "$GRID_END" ]; do sleep 5; done
 if kill -0 $grid 2>/dev/null; then say "grid stopped at GRID_END"; kill -- -$grid 2>/dev/null; sleep 3; fi
