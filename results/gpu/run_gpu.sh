@@ -93,7 +93,7 @@ grid=$!
 while kill -0 $grid 2>/dev/null && [ "$(now)" -lt "$GRID_END" ]; do sleep 5; done
 if kill -0 $grid 2>/dev/null; then say "grid stopped at GRID_END"; kill -- -$grid 2>/dev/null; sleep 3; fi
 say "grid: $(grep -c '"row"' $G/claims.json 2>/dev/null) runs in claims.json"
-pkill -f claims.py; sleep 1
+pkill -f "claims.py --out $G --"; sleep 1      # this grid's only: never another claims.py on the machine
 if [ "$MPS" = on ]; then echo quit | timeout 10 nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY; sleep 2; fi
 for f in "$W"/logs/s*_*.log; do printf '%s: %s\n' "$(basename $f)" "$(tail -c 300 $f | tr '\r' '\n' | grep -v '^ *$' | tail -1)"; done \
     >"$W/grid_tails.txt"; cat "$W/grid_tails.txt"
