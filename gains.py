@@ -297,6 +297,14 @@ def supervised_table(gen, results, batch=32):
     return "\n".join([head, "|" + "---|" * (len(gen.factor_names) + 2)] + rows)
 
 
+def step_list(text, flag):
+    """'500,1000' -> (500, 1000): the steps an --*-evals flag names, or a one-line error."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s)
+    except ValueError:
+        raise SystemExit(f"error: {flag} must be steps separated by commas, e.g. 500,1000, got {text!r}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the DiTi loss pays for each factor of the built-in data, by t.")
     p.add_argument("--size", type=int, default=16)
@@ -322,11 +330,7 @@ def main(argv=None):
         raise SystemExit(f"error: --supervised-encoder needs a --size divisible by 16 (E halves the image four times), "
                          f"got {a.size}")
     if a.supervised_encoder:
-        try:
-            evals = tuple(int(s) for s in a.supervised_evals.split(",") if s)
-        except ValueError:
-            raise SystemExit(f"error: --supervised-evals must be steps separated by commas, e.g. 500,1000, "
-                             f"got {a.supervised_evals!r}")
+        evals = step_list(a.supervised_evals, "--supervised-evals")
         gen, results = supervised_encoder(a.size, a.fine_loss_time, a.supervised_encoder, evals=evals, out=a.out)
         print(f"E trained with the labels (a linear head on z, batch 32, lr 1e-3), {a.size} px"
               + (f", --fine-loss-time {a.fine_loss_time}" if a.fine_loss_time else "")
@@ -349,7 +353,7 @@ def main(argv=None):
 
 
 def oracle_main(a):
-    evals = {int(s) for s in a.oracle_evals.split(",") if s}
+    evals = set(step_list(a.oracle_evals, "--oracle-evals"))
     gen, results = train_oracle(a.oracle, a.oracle_steps, a.out, evals=evals, gamma=a.gamma, n_eval=a.oracle_n,
                                 position_embedding=a.position_embedding)
     loss_times = [int(v) for v in synthetic.attribute_loss_curves(gen)[1]]

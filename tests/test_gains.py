@@ -148,6 +148,8 @@ def test_supervised_encoder_learns_the_background_and_its_table_lists_every_fact
         gains.main(["--supervised-encoder", "5", "--size", "8"])
     with pytest.raises(SystemExit, match="--supervised-evals must be steps separated by commas, .*got '500,x'"):
         gains.main(["--supervised-encoder", "5", "--supervised-evals", "500,x"])
+    with pytest.raises(SystemExit, match="--oracle-evals must be steps separated by commas, .*got '2k'"):
+        gains.main(["--oracle", "runs/never-read/ckpt.pt", "--oracle-evals", "2k"])
 
 
 def test_stage_two_starts_from_the_supervised_encoder_holds_it_and_refuses_a_wrong_one(tmp_path, monkeypatch, one_thread):
