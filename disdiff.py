@@ -260,6 +260,7 @@ def train_disdiff(cfg, resume=False):
     if not cfg.dm:
         raise config.UserError("DisDiff needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = train.load_frozen_unet(cfg.dm, device)
+    train.check_encoder_size(dm_ckpt, cfg.dm)
     dm_cfg = dm_ckpt["config"]
     dataset = train.load_train_split(dm_cfg, rank, world)
     stream = loop.make_stream(cfg, dataset, rank, world)

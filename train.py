@@ -54,6 +54,14 @@ def load_frozen_unet(path, device):
     return unet, ckpt
 
 
+def check_encoder_size(dm_ckpt, path):
+    """Stage 2's E halves the DDPM's image four times (diti.Encoder): refuse a DDPM whose size it cannot take."""
+    size = dm_ckpt["config"]["image_size"]
+    if size % 16:
+        raise UserError(f"{path} was trained at {size} px, but the encoder needs an image size divisible by 16: "
+                        f"train the DDPM with --image-size {max(16, size // 16 * 16)} or {size // 16 * 16 + 16}")
+
+
 def frozen_eps(unet, dm_config, exact):
     """The frozen eps_theta of stage 2: the U-Net, or with `exact` (DiTi --exact-eps, beyond the paper) the exact
     denoiser of the built-in data that the DDPM was trained on, reading G's features from the same U-Net."""
@@ -169,6 +177,7 @@ def train_diti(cfg, resume=False):
     if not cfg.dm:
         raise UserError("stage 2 needs the frozen DDPM: pass --dm <path of the stage-1 ckpt.pt>")
     unet, dm_ckpt = load_frozen_unet(cfg.dm, device)
+    check_encoder_size(dm_ckpt, cfg.dm)
     dm_cfg = dm_ckpt["config"]
     unet = frozen_eps(unet, dm_cfg, cfg.exact_eps)
     dataset = load_train_split(dm_cfg, rank, world)

@@ -356,6 +356,17 @@ def test_exact_eps_option_trains_and_loads_with_the_exact_denoiser(env, dm_ckpt,
     assert errors["DiTi"][0] < 1 < errors["DDPM"][0]
 
 
+def test_stage_two_refuses_a_ddpm_whose_size_the_encoder_cannot_take(env, tmp_path):
+    """E halves the image four times: a 24-px DDPM (a size the U-Net takes) is refused by DiTi and DisDiff."""
+    dm = tmp_path / "dm24"
+    finished(train(env, "dm", *DM, *SHORT, "--image-size", 24, "--out", dm))
+    for stage in ("diti", "disdiff"):
+        result = train(env, stage, *DITI, "--dm", dm / "ckpt.pt", "--steps", 1, "--out", tmp_path / stage)
+        assert_user_error(result, f"{dm / 'ckpt.pt'} was trained at 24 px", "divisible by 16",
+                          "--image-size 16 or 32")
+        assert not (tmp_path / stage / "ckpt.pt").exists()
+
+
 def test_ddpm_resumed_on_other_data_is_refused(env, dm_ckpt, tmp_path):
     """--fine-loss-time, --texture-cell and --texture-region change the data: a DDPM trained without them is not continued with
     them (nor reused by claims.py), and values out of range are refused before any work."""
