@@ -145,6 +145,9 @@ def write_markdown(claims, path):
     return path
 
 
+DATA_OPTIONS = ("fine_loss_time", "texture_cell", "texture_region", "image_size")   # options that move t_f
+
+
 def compare(dirs, path, rows=None):
     """One table over several claims folders (say, the same row at growing budgets): per run, its budget, the
     options beyond the preset, the learned factors and the full-z probe per factor."""
@@ -154,16 +157,17 @@ def compare(dirs, path, rows=None):
         commands += [f"    python claims.py {c}" for c in claims.get("commands", [])]
         options = preset_options(claims)
         extra = " ".join(map(flag_text, options)) or "-"
-        strong_fine = any(k == "fine_loss_time" for k, _ in options)
-        t_f.update({n: t for n, t in claims["loss_times"].items() if not strong_fine or n not in t_f})
+        own_data = any(k in DATA_OPTIONS for k, _ in options)   # its loss times are not the default data's
+        t_f.update({n: t for n, t in claims["loss_times"].items() if not own_data or n not in t_f})
         times = claims["loss_times"]
         runs += [(r["row"], r["dm_steps"], r["steps"], r["seed"], extra, d, r, sorted(times, key=lambda n: -times[n]))
                  for r in claims["runs"].values() if rows is None or r["row"] in rows]
     runs.sort(key=lambda x: x[:5])
     names = max((x[-1] for x in runs), key=len, default=[])
     lines = ["# The same rows at other budgets and options", "",
-             "Full-z probe per factor (chance = 0, perfect = 1); learned: >= 0.9. Factors by loss time t_f (in "
-             "brackets; with --fine-loss-time the fine ones are lost later), coarse first.", "",
+             "Full-z probe per factor (chance = 0, perfect = 1); learned: >= 0.9. Factors by loss time t_f of the "
+             "default data (in brackets), coarse first; a run with " + ", ".join(flag_text((k, True)) for k in
+             DATA_OPTIONS) + " has its own (its folder's claims.md lists them).", "",
              "| row | DDPM steps | stage-2 steps x batch | seed | options | learned | "
              + " | ".join(f"{n} ({t_f[n]})" for n in names) + " | folder |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]

@@ -130,6 +130,23 @@ def test_the_image_size_reaches_the_ddpm_and_the_scope_line(tmp_path):
     assert not (tmp_path / "never-written").exists()
 
 
+def test_compare_heads_the_table_with_the_default_datas_loss_times(tmp_path):
+    def folder(name, dm_flags, loss_times):
+        run = dict(row="base-uniform-k8", dm_steps=10, steps=5, seed=0, batch_size=32, learned=["a"],
+                   probe={"a": 0.95, "b": 0.1})
+        os.makedirs(tmp_path / name)
+        json.dump(dict(overrides=dict(dm=dm_flags), loss_times=loss_times, runs={"seed0/base-uniform-k8": run},
+                       commands=[f"--out {name}"]), open(tmp_path / name / "claims.json", "w"))
+        return str(tmp_path / name)
+    plain = folder("px16", [], {"a": 666, "b": 61})
+    wide = folder("px32", ["--image-size", "32"], {"a": 762, "b": 140})      # listed last: it must not head the table
+    claims_table.compare([plain, wide], str(tmp_path / "compare.md"))
+    table = open(tmp_path / "compare.md").read()
+    assert "| a (666) | b (61) |" in table and "(762)" not in table
+    assert "--image-size has its own" in table
+    assert "| --image-size 32 | 1 | 0.95 | 0.10 |" in table and "| - | 1 | 0.95 | 0.10 |" in table
+
+
 def test_runs_written_by_another_process_are_kept(tmp_path):
     """Two claims.py side by side (one per seed) each read claims.json at start: neither may drop the other's runs."""
     path = str(tmp_path / "claims.json")
